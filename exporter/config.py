@@ -180,7 +180,7 @@ class _Checker:
                 self.problem(_join(path, str(key)), f"unknown key{suggestion}")
         return node
 
-    def expand(self, value: str, path: str, secret: bool = False) -> str | None:
+    def expand(self, value: str, path: str) -> str | None:
         missing = [name for name in _ENV_REF.findall(value) if name not in self.environ]
         if missing:
             self.problem(path, "environment variable " + ", ".join(missing) + " is not set")
@@ -232,13 +232,13 @@ class _Checker:
         if not isinstance(inline, str):
             self.problem(_join(path, key), f"must be a string, got {_kind(inline)}")
             return None
-        text = self.expand(inline, _join(path, key), secret=True)
-        if text is None:
+        expanded = self.expand(inline, _join(path, key))
+        if expanded is None:
             return None
-        if not text:
+        if not expanded:
             self.problem(_join(path, key), "must not be empty")
             return None
-        return Secret(text)
+        return Secret(expanded)
 
     def file(self, m: dict[str, Any], key: str, path: str) -> str | None:
         name = self.string(m, key, path)

@@ -30,7 +30,7 @@ def format_duration(seconds: float) -> str:
     if seconds <= 0:
         return "0s"
     parts = []
-    remaining = int(round(seconds))
+    remaining = round(seconds)
     for unit, factor in _UNITS[2:6]:
         count, remaining = divmod(remaining, int(factor))
         if count:

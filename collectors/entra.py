@@ -1,0 +1,44 @@
+"""Entra ID metrics: directory sync status and on-premises provisioning errors."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+
+from exporter.engine import Snapshot
+
+_FRESHNESS = " Values come from the exporter's background refresh of Microsoft Graph."
+
+
+class EntraCollector:
+    name = "entra"
+
+    def collect_from(self, snapshot: Snapshot) -> Iterator[Metric]:
+        enabled = GaugeMetricFamily(
+            "intune_entra_connect_sync_enabled",
+            "1 if the organization has directory synchronisation (Entra Connect) enabled." + _FRESHNESS,
+            labels=["estate"],
+        )
+        last_sync = GaugeMetricFamily(
+            "intune_entra_connect_last_sync_timestamp_seconds",
+            "The organization's onPremisesLastSyncDateTime: when Entra Connect last synced." + _FRESHNESS,
+            labels=["estate"],
+        )
+        errors = GaugeMetricFamily(
+            "intune_entra_provisioning_error_users",
+            "Synced users carrying onPremisesProvisioningErrors, by error category." + _FRESHNESS,
+            labels=["estate", "category"],
+        )
+        for estate in snapshot.estates:
+            org = estate.organization
+            if org is not None:
+                if org.sync_enabled is not None:
+                    enabled.add_metric([estate.name], 1.0 if org.sync_enabled else 0.0)
+                if org.last_sync is not None:
+                    last_sync.add_metric([estate.name], org.last_sync)
+            if estate.entra_summary is not None:
+                for category, count in sorted(estate.entra_summary.provisioning_errors.items()):
+                    errors.add_metric([estate.name, category], count)
+        yield from (enabled, last_sync, errors)

@@ -1,0 +1,174 @@
+"""Command line: flags in the Prometheus exporter style, exit 2 on bad arguments or config."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from prometheus_client.registry import CollectorRegistry
+
+import exporter
+from collectors import ExporterCollector, default_collectors
+from exporter.config import Config, ConfigError, load_config
+from exporter.engine import Engine
+from exporter.logs import LEVELS, setup_logging
+from exporter.sources.base import ConfigurationError, Source
+from exporter.state import StateStore
+from exporter.web import ExporterHTTPServer, WebConfigError, load_web_config, parse_listen_address
+
+log = logging.getLogger("exporter")
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog="intune-provisioning-exporter",
+        description="Prometheus exporter for the hybrid AD -> Entra ID -> ConfigMgr -> Intune provisioning "
+        "pipeline and Microsoft 365 license usage.",
+    )
+    parser.add_argument("--config.file", dest="config_file", default="config.yml", metavar="PATH")
+    parser.add_argument("--web.listen-address", dest="listen_address", default=":9863", metavar="HOST:PORT")
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default=None,
+        metavar="PATH",
+        help="exporter-toolkit web config (TLS, bcrypt basic auth)",
+    )
+    parser.add_argument(
+        "--config.check",
+        dest="config_check",
+        action="store_true",
+        help="validate the config file, print every problem and exit 0 or 2",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="run on the embedded simulated estate (no config file, no backend)",
+    )
+    parser.add_argument(
+        "--demo.time-scale",
+        dest="demo_time_scale",
+        type=float,
+        default=1.0,
+        metavar="N",
+        help="in --demo, let simulated time run N times faster than the wall clock",
+    )
+    parser.add_argument("--log.level", dest="log_level", default="info", choices=list(LEVELS))
+    parser.add_argument("--log.format", dest="log_format", default="logfmt", choices=["logfmt", "json"])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {exporter.__version__}")
+    return parser
+
+
+def build_sources(config: Config) -> dict[str, list[Source]]:
+    # Imported here so that --help, --config.check and --demo never load the backend libraries.
+    from exporter.sources.factory import build_estate_sources
+
+    return {estate.name: build_estate_sources(estate) for estate in config.estates}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.demo_time_scale <= 0:
+        print("--demo.time-scale: must be greater than 0", file=sys.stderr)
+        return EXIT_USAGE
+
+    if args.config_check:
+        try:
+            load_config(args.config_file)
+        except ConfigError as exc:
+            print(f"{args.config_file}: {len(exc.problems)} problem(s):", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"{args.config_file}: OK")
+        return EXIT_OK
+
+    try:
+        address = parse_listen_address(args.listen_address)
+        web_config = load_web_config(args.web_config_file)
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_USAGE
+    except WebConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_USAGE
+
+    clock = None
+    history = None
+    if args.demo:
+        from exporter.demo import demo_setup
+
+        config, sources, clock, history = demo_setup(time_scale=args.demo_time_scale)
+        setup_logging(args.log_level, args.log_format)
+        log.info("running on the embedded demo estate (time scale %g)", args.demo_time_scale)
+    else:
+        try:
+            config = load_config(args.config_file)
+        except ConfigError as exc:
+            for problem in exc.problems:
+                print(f"{args.config_file}: {problem}", file=sys.stderr)
+            return EXIT_USAGE
+        setup_logging(args.log_level, args.log_format, config.secrets())
+        try:
+            sources = build_sources(config)
+        except ConfigurationError as exc:
+            log.error("%s", exc)
+            return EXIT_USAGE
+
+    engine = Engine(
+        config,
+        sources,
+        state_store=StateStore(config.state_file) if config.state_file else None,
+        first_seen=history,
+        **({"clock": clock} if clock else {}),
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(
+        ExporterCollector(engine.snapshot, default_collectors(config.user_label, config.stuck_users_listed))
+    )
+    try:
+        server = ExporterHTTPServer(address, registry, engine.snapshot, web_config, config.user_label)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", args.listen_address, exc.strerror or exc)
+        return EXIT_FAILURE
+
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    engine.start()
+    serve_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    serve_thread.start()
+    scheme = "https" if web_config.ssl_context else "http"
+    log.info(
+        "intune-provisioning-exporter %s listening on %s://%s:%d (%d estate(s))",
+        exporter.__version__,
+        scheme,
+        *address,
+        len(config.estates),
+    )
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    engine.stop()
+    log.info("stopped")
+    return EXIT_OK
