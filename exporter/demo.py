@@ -12,6 +12,7 @@ Leavers are disabled in AD and leave orphans behind in Entra and ConfigMgr.
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from exporter.model import (
     ConfigMgrData,
     EntraData,
     EntraUser,
+    HttpStats,
     OrganizationData,
     ServicePlan,
     SourceData,
@@ -36,7 +38,7 @@ from exporter.model import (
     SubscribedSku,
     Subscription,
 )
-from exporter.sources.base import Source
+from exporter.sources.base import Source, SourceError
 from exporter.stages import FirstSeen
 
 HOUR = 3600.0
@@ -155,6 +157,7 @@ class DemoEstate:
         seed: int,
         connector_status: int = 1,
         sync_lag: float = 0.0,
+        flaky_configmgr: bool = False,
     ) -> None:
         self.name = name
         self.domain = domain
@@ -163,6 +166,10 @@ class DemoEstate:
         self.connector_status = connector_status
         self.sync_lag = sync_lag  # seconds Entra Connect has been silent (a stale sync alert in the demo)
         self.rng = random.Random(seed)
+        self.flaky_configmgr = flaky_configmgr  # every 6th site-database read times out
+        self.configmgr_reads = 0
+        self.graph = HttpStats()
+        self.graph_lock = threading.Lock()
         self.domain_sid = (
             f"S-1-5-21-{self.rng.randrange(10**9)}-{self.rng.randrange(10**9)}-{self.rng.randrange(10**9)}"
         )
@@ -268,6 +275,23 @@ class DemoEstate:
         )
         return AdData(users=users, netbios_domain=self.netbios)
 
+    def _count_graph(self, endpoint: str, pages: int) -> None:
+        # What the real client would have counted: paged reads, an occasional 429 with a short
+        # Retry-After, and a token request every hour of simulated time.
+        with self.graph_lock:
+            stats = self.graph
+            reads = sum(stats.requests.values())
+            if reads % 11 == 5:
+                stats.requests[(endpoint, "429")] = stats.requests.get((endpoint, "429"), 0) + 1
+                stats.throttled += 1
+                stats.retry_wait_seconds += 2.0
+            stats.requests[(endpoint, "200")] = stats.requests.get((endpoint, "200"), 0) + pages
+            hour = int(self.clock() // HOUR)
+            if stats.token_requests == 0 or hour != getattr(self, "_token_hour", hour):
+                stats.token_requests += 1
+                stats.requests[("token", "200")] = stats.requests.get(("token", "200"), 0) + 1
+            self._token_hour = hour
+
     def read_entra(self) -> EntraData:
         now = self.clock()
         synced = []
@@ -294,10 +318,15 @@ class DemoEstate:
                     assigned_licenses=tuple(licenses) if enabled else (),
                 )
             )
-        return EntraData(users=tuple(synced), records=len(synced) + self.cloud_only)
+        records = len(synced) + self.cloud_only
+        self._count_graph("users", records // 999 + 1)
+        return EntraData(users=tuple(synced), records=records)
 
     def read_configmgr(self) -> ConfigMgrData:
         now = self.clock()
+        self.configmgr_reads += 1
+        if self.flaky_configmgr and self.configmgr_reads % 6 == 0:
+            raise SourceError("timeout", f"demo: query on CM01.{self.domain.upper()}/CM_PS1 timed out")
         records = []
         for u in self._existing(now):
             if u.cm_at > now:
@@ -333,6 +362,8 @@ class DemoEstate:
 
     def read_organization(self) -> OrganizationData:
         now = self.clock()
+        for endpoint in ("organization", "subscribedSkus", "subscriptions"):
+            self._count_graph(endpoint, 1)
         last_sync = (now - self.sync_lag) // 1800 * 1800 + 42  # Entra Connect's 30-minute cycle
         active = [u for u in self._existing(now) if u.left_at > now and u.entra_at <= now]
         ems_users = sum(1 for u in active if u.licensed_intune)
@@ -448,6 +479,14 @@ class DemoSource:
         return None
 
 
+class DemoGraphSource(DemoSource):
+    """The demo's Entra sources also report Graph request statistics, like the real client."""
+
+    def http_stats(self) -> HttpStats:
+        with self.estate.graph_lock:
+            return self.estate.graph.copy()
+
+
 def scaled_clock(time_scale: float) -> Callable[[], float]:
     """Wall-clock time, optionally running faster from now on so a short demo shows movement."""
     start_wall = time.time()
@@ -472,7 +511,12 @@ def demo_setup(
         user_label="upn",
     )
     sources: dict[str, list[Source]] = {
-        e.name: [DemoSource(e, kind) for kind in ("ad", "entra", "entra_organization", "configmgr")]
+        e.name: [
+            DemoSource(e, "ad"),
+            DemoGraphSource(e, "entra"),
+            DemoGraphSource(e, "entra_organization"),
+            DemoSource(e, "configmgr"),
+        ]
         for e in estates
     }
     history = {e.name: e.first_seen_history() for e in estates}
