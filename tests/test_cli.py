@@ -1,0 +1,178 @@
+"""The command as a user runs it: flags, exit codes, --config.check, --demo, graceful shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args, env=None, timeout=30):
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url, deadline=20.0):
+    end = time.monotonic() + deadline
+    last = None
+    while time.monotonic() < end:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.read().decode()
+        except OSError as exc:
+            last = exc
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {deadline}s: {last}")
+
+
+def test_help_and_version():
+    assert run("--help").returncode == 0
+    result = run("--version")
+    assert result.returncode == 0 and "0.1.0" in result.stdout
+
+
+def test_unknown_flag_exits_2():
+    result = run("--no-such-flag")
+    assert result.returncode == 2 and "--no-such-flag" in result.stderr
+
+
+def test_bad_listen_address_exits_2():
+    result = run("--demo", "--web.listen-address", "nonsense")
+    assert result.returncode == 2 and "--web.listen-address" in result.stderr
+
+
+def test_config_check_ok(tmp_path):
+    config = tmp_path / "config.yml"
+    config.write_text(
+        textwrap.dedent(
+            """
+            estates:
+              - name: contoso
+                configmgr:
+                  connection_string: "DRIVER={SQLite3};Database=/nonexistent.sqlite"
+                  intune_collection_ids: [PS100012]
+            """
+        )
+    )
+    result = run("--config.check", "--config.file", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_config_check_lists_every_problem_without_secrets(tmp_path):
+    config = tmp_path / "config.yml"
+    config.write_text(
+        textwrap.dedent(
+            """
+            refresh_interval: 5 minutes
+            estates:
+              - name: contoso
+                active_directory:
+                  url: ldaps://dc01:636
+                  bind_user: svc
+                  bind_password: VerySecretPassword1
+                  search_bases: [DC=contoso,DC=com]
+                  tiemout: 10s
+                entra:
+                  tenant_id: t
+                  client_id: c
+                  client_secret: ${MISSING_SECRET}
+            """
+        )
+    )
+    env_free = {k: v for k, v in os.environ.items() if k != "MISSING_SECRET"}
+    result = subprocess.run(
+        [sys.executable, "-m", "exporter", "--config.check", "--config.file", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env_free,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "refresh_interval: not a valid duration '5 minutes'" in result.stderr
+    assert "estates[0].active_directory.tiemout: unknown key (did you mean 'timeout'?)" in result.stderr
+    assert "estates[0].entra.client_secret: environment variable MISSING_SECRET is not set" in result.stderr
+    assert "VerySecretPassword1" not in result.stderr + result.stdout
+
+
+def test_bad_config_without_check_also_exits_2(tmp_path):
+    config = tmp_path / "config.yml"
+    config.write_text("estates: []\n")
+    result = run("--config.file", str(config), "--web.listen-address", f"127.0.0.1:{free_port()}")
+    assert result.returncode == 2 and "estates: must be a non-empty list" in result.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path):
+    result = run("--config.file", str(tmp_path / "nope.yml"))
+    assert result.returncode == 2 and "file not found" in result.stderr
+
+
+def test_importing_the_cli_and_demo_loads_no_backend_library():
+    code = "import sys, exporter.cli, exporter.demo; print(sorted(m for m in ('pyodbc','ldap3','msal') if m in sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=30
+    )
+    assert result.stdout.strip() == "[]", result.stderr
+
+
+def test_demo_serves_all_stages_and_shuts_down_on_sigterm():
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            "--demo",
+            "--web.listen-address",
+            f"127.0.0.1:{port}",
+            "--log.format",
+            "json",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        started = time.monotonic()
+        wait_for(f"http://127.0.0.1:{port}/-/ready")
+        assert time.monotonic() - started < 15
+        text = wait_for(f"http://127.0.0.1:{port}/metrics")
+        for stage in (
+            "ad_created",
+            "entra_synced",
+            "cm_discovered",
+            "in_intune_collection",
+            "connector_synced",
+            "intune_enabled",
+        ):
+            assert f'intune_provisioning_users{{estate="contoso",provisioning_stage="{stage}"}}' in text
+        assert 'intune_exporter_source_up{estate="contoso",source="ad"} 1.0' in text
+        assert "intune_exporter_build_info{version=" in text
+        assert 'intune_license_consumed_units{estate="contoso",sku="INTUNE_A",sku_name="Intune"}' in text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert '"msg": "stopped"' in err
