@@ -173,6 +173,6 @@ def test_demo_serves_all_stages_and_shuts_down_on_sigterm():
         assert 'intune_license_consumed_units{estate="contoso",sku="INTUNE_A",sku_name="Intune"}' in text
     finally:
         process.send_signal(signal.SIGTERM)
-        out, err = process.communicate(timeout=20)
+        _out, err = process.communicate(timeout=20)
     assert process.returncode == 0, err
     assert '"msg": "stopped"' in err

@@ -154,7 +154,7 @@ def test_user_label_none_drops_stuck_user_info_and_sam_uses_sam():
     _, samples = scrape(full_engine(), user_label="none")
     assert "intune_provisioning_stuck_user_info" not in names(samples)
     _, samples = scrape(full_engine(), user_label="sam")
-    users = {dict(l)["user"] for n, l in samples if n == "intune_provisioning_stuck_user_info"}
+    users = {dict(lbl)["user"] for n, lbl in samples if n == "intune_provisioning_stuck_user_info"}
     assert users == {f"col{i}" for i in range(5)}
 
 
@@ -230,7 +230,7 @@ def test_license_and_entra_metrics():
         )
         == NOW + 86400
     )
-    assert not any(dict(l).get("subscription_id") == "s2" for _, l in samples)
+    assert not any(dict(lbl).get("subscription_id") == "s2" for _, lbl in samples)
     assert value(samples, "intune_entra_connect_sync_enabled", estate="contoso") == 1
     assert value(samples, "intune_entra_connect_last_sync_timestamp_seconds", estate="contoso") == NOW - 120
 

@@ -24,7 +24,7 @@ def make_estate(n=3):
     synced = [entra_for(u) for u in users]
     records = [
         cm_for(u, in_collection=True, cloud_user_id=(e.id if i else None))
-        for i, (u, e) in enumerate(zip(users, synced))
+        for i, (u, e) in enumerate(zip(users, synced, strict=False))
     ]
     return ad(*users), entra(*synced, cloud_only=2), cm(*records)
 

@@ -122,7 +122,7 @@ def tls(tmp_path_factory):
 
 
 def test_tls_and_basic_auth(serve, tls):
-    ca, directory = tls
+    _ca, directory = tls
     hashed = bcrypt.hashpw(b"scrape-pass", bcrypt.gensalt(rounds=4)).decode()
     web = directory / "web.yml"
     web.write_text(
@@ -139,7 +139,7 @@ def test_tls_and_basic_auth(serve, tls):
     assert get(url + "/metrics", bad, context)[0] == 401
     good = {"Authorization": "Basic " + base64.b64encode(b"prometheus:scrape-pass").decode()}
     for path in ("/metrics", "/stuck"):
-        status, headers, body = get(url + path, good, context)
+        status, headers, _body = get(url + path, good, context)
         assert status == 200 and headers["X-Frame-Options"] == "deny"
     assert get(url + "/stuck", context=context)[0] == 401
     with pytest.raises((urllib.error.URLError, ConnectionError)):
