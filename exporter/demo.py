@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from exporter.config import DEFAULT_STUCK_AFTER, Config, EstateConfig
-from exporter.ids import guid_display, immutable_id
+from exporter.ids import immutable_id
 from exporter.model import (
     AdData,
     AdUser,
@@ -39,7 +39,7 @@ from exporter.model import (
     Subscription,
 )
 from exporter.sources.base import Source, SourceError
-from exporter.stages import FirstSeen
+from exporter.stages import FirstSeen, guid_key
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -247,10 +247,10 @@ class DemoEstate:
             if u.left_at <= now or u.cm_at > now or u.collection_at > now:
                 continue
             if u.connector_at > now:
-                history[guid_display(u.guid)] = FirstSeen("in_intune_collection", u.collection_at)
+                history[guid_key(u.guid)] = FirstSeen("in_intune_collection", u.collection_at)
             else:
                 stage: Stage = "connector_synced" if u.fate == "wrong_cloud_id" else "intune_enabled"
-                history[guid_display(u.guid)] = FirstSeen(stage, u.connector_at)
+                history[guid_key(u.guid)] = FirstSeen(stage, u.connector_at)
         return history
 
     def _existing(self, now: float) -> list[SimUser]:

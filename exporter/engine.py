@@ -43,6 +43,7 @@ from exporter.state import PersistedEstate, PersistedSource, StateStore
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 _T = TypeVar("_T")
+PERSIST_MIN_GAP = 30.0
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,7 @@ class Engine:
         self._lock = threading.Lock()
         self._persist_lock = threading.Lock()
         self._stop = threading.Event()
+        self._dirty = threading.Event()
         self._threads: list[threading.Thread] = []
         self._estates = {e.name: _EstateState(e, sources.get(e.name, ())) for e in config.estates}
         for name, seen in (first_seen or {}).items():
@@ -145,6 +147,10 @@ class Engine:
                 )
                 self._threads.append(thread)
                 thread.start()
+        if self._store is not None:
+            persister = threading.Thread(target=self._run_persister, name="persist-state", daemon=True)
+            self._threads.append(persister)
+            persister.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
@@ -231,8 +237,22 @@ class Engine:
         while not self._stop.is_set():
             started = time.monotonic()
             self._refresh_with_deadline(estate, source)
-            self.persist()
+            self._dirty.set()
             self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
+
+    def _run_persister(self) -> None:
+        """Write the state file after refreshes, at most once per PERSIST_MIN_GAP seconds.
+
+        Serialising a large estate takes seconds; with four sources per estate refreshing at
+        different moments, writing after each one would do that work several times per cycle.
+        """
+        gap = min(PERSIST_MIN_GAP, self.config.refresh_interval)
+        while not self._stop.is_set():
+            if not self._dirty.wait(0.5):
+                continue
+            self._dirty.clear()
+            self.persist()
+            self._stop.wait(gap)
 
     def _refresh_with_deadline(self, estate: _EstateState, source: Source) -> None:
         """Refresh in a worker thread and give up waiting after the refresh timeout.

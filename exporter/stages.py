@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from exporter.ids import guid_display, immutable_id, unique_user_name_key, user_name_key
+from exporter.ids import immutable_id, unique_user_name_key, user_name_key
 from exporter.model import (
     STAGES,
     WAITING_STAGES,
@@ -41,7 +41,7 @@ class FirstSeen:
 
 @dataclass(frozen=True, slots=True)
 class UserPlacement:
-    user_key: str  # stable identity: objectGUID text
+    user_key: str  # stable identity: hex of the raw objectGUID
     sam_account_name: str
     user_principal_name: str | None
     stage: Stage
@@ -174,7 +174,13 @@ def stage_evidence(
 
 
 def user_key(user: AdUser) -> str:
-    return guid_display(user.object_guid)
+    return guid_key(user.object_guid)
+
+
+def guid_key(object_guid: bytes) -> str:
+    # Hex of the raw objectGUID: stable, unique, and far cheaper than formatting GUID text for
+    # every user on every evaluation of a large estate.
+    return object_guid.hex()
 
 
 def evaluate(

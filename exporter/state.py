@@ -8,7 +8,7 @@ logged and ignored rather than crashing the exporter.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import contextlib
 import dataclasses
 import json
@@ -17,7 +17,7 @@ import os
 import tempfile
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -58,66 +58,138 @@ class PersistedEstate:
     first_seen: dict[str, FirstSeen] = field(default_factory=dict)
 
 
-# ------------------------------------------------------------------------------ generic codec
-def encode(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, bytes):
-        return base64.b64encode(value).decode("ascii")
-    if isinstance(value, tuple | list):
-        return [encode(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): encode(v) for k, v in value.items()}
+# ------------------------------------------------------------------------------ codec
+# Dataclasses are written as positional rows (lists), not objects with keys: a state file of a large
+# tenant is then several times smaller and faster to read. The field names of every type are stored
+# alongside as a schema; a file written by a version with other fields is ignored, never misread.
+Encoder = Callable[[Any], Any]
+Decoder = Callable[[Any], Any]
+_ENCODERS: dict[Any, Encoder] = {}
+_DECODERS: dict[Any, Decoder] = {}
+
+
+def _identity(value: Any) -> Any:
     return value
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
+def _b64(value: bytes) -> str:
+    return binascii.b2a_base64(value, newline=False).decode("ascii")
+
+
+def _unb64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError("expected base64 text")
+    return binascii.a2b_base64(value)
+
+
+def _primitive(cls: type) -> Decoder:
+    def check(value: Any) -> Any:
+        if cls is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if not isinstance(value, cls) or (cls is int and isinstance(value, bool)):
+            raise TypeError(f"expected {cls.__name__}, got {type(value).__name__}")
+        return value
+
+    return check
+
+
+def encoder_for(cls: Any) -> Encoder:
+    cached = _ENCODERS.get(cls)
+    if cached is not None:
+        return cached
+    origin = typing.get_origin(cls)
+    result: Encoder
+    if origin in (Union, types.UnionType):
+        options = [o for o in typing.get_args(cls) if o is not type(None)]
+        if len(options) != 1:
+            raise TypeError(f"unsupported union {cls}")
+        inner = encoder_for(options[0])
+        result = lambda v: None if v is None else inner(v)  # noqa: E731
+    elif origin is tuple:
+        item = encoder_for(typing.get_args(cls)[0])
+        result = lambda v: [item(x) for x in v]  # noqa: E731
+    elif dataclasses.is_dataclass(cls) and isinstance(cls, type):
+        hints = typing.get_type_hints(cls)
+        fields = [(f.name, encoder_for(hints[f.name])) for f in dataclasses.fields(cls)]
+        result = lambda v: [enc(getattr(v, name)) for name, enc in fields]  # noqa: E731
+    elif cls is bytes:
+        result = _b64
+    elif cls in (int, float, str, bool):
+        result = _identity
+    else:
+        raise TypeError(f"cannot encode {cls}")
+    _ENCODERS[cls] = result
+    return result
+
+
+def decoder_for(cls: Any) -> Decoder:
+    cached = _DECODERS.get(cls)
+    if cached is not None:
+        return cached
+    origin = typing.get_origin(cls)
+    result: Decoder
+    if origin in (Union, types.UnionType):
+        options = [o for o in typing.get_args(cls) if o is not type(None)]
+        if len(options) != 1:
+            raise TypeError(f"unsupported union {cls}")
+        inner = decoder_for(options[0])
+        result = lambda v: None if v is None else inner(v)  # noqa: E731
+    elif origin is tuple:
+        item = decoder_for(typing.get_args(cls)[0])
+
+        def result(v: Any) -> Any:
+            if not isinstance(v, list):
+                raise TypeError("expected a list")
+            return tuple(item(x) for x in v)
+
+    elif dataclasses.is_dataclass(cls) and isinstance(cls, type):
+        hints = typing.get_type_hints(cls)
+        decoders = [decoder_for(hints[f.name]) for f in dataclasses.fields(cls)]
+        target = cls
+
+        def result(v: Any) -> Any:
+            if not isinstance(v, list) or len(v) != len(decoders):
+                raise TypeError(f"expected a row of {len(decoders)} values for {target.__name__}")
+            return target(*[dec(x) for dec, x in zip(decoders, v, strict=True)])
+
+    elif cls is bytes:
+        result = _unb64
+    elif cls in (int, float, str, bool):
+        result = _primitive(cls)
+    else:
+        raise TypeError(f"cannot decode {cls}")
+    _DECODERS[cls] = result
+    return result
+
+
+def encode(value: Any) -> Any:
+    return encoder_for(type(value))(value)
 
 
 def decode(cls: Any, raw: Any) -> Any:
-    """Rebuild a value of type ``cls`` from what :func:`encode` produced (raises on mismatch)."""
-    origin = typing.get_origin(cls)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(cls)
-        if raw is None and type(None) in options:
-            return None
-        last_error: Exception | None = None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return decode(option, raw)
-            except (TypeError, ValueError, KeyError) as exc:
-                last_error = exc
-        raise ValueError(f"no union member of {cls} fits: {last_error}")
-    if origin is tuple:
-        (item_type, *_rest) = typing.get_args(cls)
-        if not isinstance(raw, list):
-            raise TypeError("expected a list")
-        return tuple(decode(item_type, v) for v in raw)
-    if dataclasses.is_dataclass(cls) and isinstance(cls, type):
-        if not isinstance(raw, dict):
-            raise TypeError(f"expected an object for {cls.__name__}")
-        hints = _HINTS.get(cls)
-        if hints is None:
-            hints = _HINTS[cls] = typing.get_type_hints(cls)
-        kwargs = {
-            f.name: decode(hints[f.name], raw[f.name]) for f in dataclasses.fields(cls) if f.name in raw
-        }
-        return cls(**kwargs)
-    if cls is bytes:
-        if not isinstance(raw, str):
-            raise TypeError("expected base64 text")
-        return base64.b64decode(raw)
-    if cls is float:
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise TypeError("expected a number")
-        return float(raw)
-    if cls in (int, str, bool):
-        if not isinstance(raw, cls) or (cls is int and isinstance(raw, bool)):
-            raise TypeError(f"expected {cls.__name__}")
-        return raw
-    raise TypeError(f"cannot decode {cls}")
+    return decoder_for(cls)(raw)
+
+
+def schema(cls: Any, seen: set[Any] | None = None) -> dict[str, list[str]]:
+    """Field names of a dataclass and of every dataclass inside it."""
+    seen = set() if seen is None else seen
+    result: dict[str, list[str]] = {}
+    if cls in seen:
+        return result
+    seen.add(cls)
+    if typing.get_origin(cls) in (Union, types.UnionType, tuple):
+        for arg in typing.get_args(cls):
+            if arg is not Ellipsis:
+                result.update(schema(arg, seen))
+    elif dataclasses.is_dataclass(cls) and isinstance(cls, type):
+        hints = typing.get_type_hints(cls)
+        result[cls.__name__] = [f.name for f in dataclasses.fields(cls)]
+        for f in dataclasses.fields(cls):
+            result.update(schema(hints[f.name], seen))
+    return result
+
+
+SCHEMA = {kind: schema(cls) for kind, cls in DATA_TYPES.items()}
 
 
 # ------------------------------------------------------------------------------ the file
@@ -129,6 +201,7 @@ class StateStore:
         document = {
             "version": STATE_VERSION,
             "saved_at": saved_at,
+            "schema": SCHEMA,
             "estates": {
                 name: {
                     "sources": {
@@ -151,7 +224,8 @@ class StateStore:
         fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(document, handle, separators=(",", ":"))
+                # json.dumps uses the C encoder; json.dump to a file falls back to a slow pure-Python one.
+                handle.write(json.dumps(document, separators=(",", ":")))
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, self.path)
@@ -171,6 +245,9 @@ class StateStore:
             return {}
         if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
             log.warning("ignoring state file %s: unknown format version", self.path)
+            return {}
+        if document.get("schema") != SCHEMA:
+            log.warning("ignoring state file %s: written by a version with other data fields", self.path)
             return {}
         result: dict[str, PersistedEstate] = {}
         for name, raw_estate in (document.get("estates") or {}).items():
