@@ -281,7 +281,7 @@ class GraphClient:
         if answers > self._retry.throttled_answers or not budget.allows(delay):
             raise SourceError(
                 "throttled",
-                f"Graph ({self.graph_host}) throttled GET {_path(url)} (HTTP {status}, Retry-After "
+                f"Graph ({self.graph_host}) throttled GET {_path(url)} (HTTP {status}, asked to wait "
                 f"{delay:g}s); {budget.spent:g}s of max_retry_wait {budget.limit:g}s already spent",
             )
         log.warning("Graph throttled %s (HTTP %s): retrying in %gs", endpoint, status, delay)
