@@ -511,7 +511,8 @@ class ConfigMgrSource:
             self._check_driver(pyodbc)
             return self._read(pyodbc)
         except SourceError as exc:
-            log.warning("%s", exc.message)
+            # The engine logs every failed refresh once, with the estate; this is only for tracing.
+            log.debug("%s", exc.message)
             raise
 
     def close(self) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 from exporter.config import EstateConfig
-from exporter.sources.base import Source
+from exporter.sources.base import ConfigurationError, Source
+
+log = logging.getLogger(__name__)
 
 
 def build_estate_sources(estate: EstateConfig) -> list[Source]:
@@ -21,5 +25,12 @@ def build_estate_sources(estate: EstateConfig) -> list[Source]:
     if estate.configmgr is not None:
         from exporter.sources.configmgr import ConfigMgrSource
 
-        sources.append(ConfigMgrSource(estate.configmgr))
+        configmgr = ConfigMgrSource(estate.configmgr)
+        try:
+            configmgr.preflight()
+        except ConfigurationError as exc:
+            # Said loudly at start, but not fatal: the other sources and estates keep working and
+            # every refresh of this one fails with reason "other" until the driver is installed.
+            log.error("estate %s: %s", estate.name, exc)
+        sources.append(configmgr)
     return sources

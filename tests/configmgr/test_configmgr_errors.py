@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from exporter.config import Config, EstateConfig
+from exporter.engine import Engine
 from exporter.sources.base import ConfigurationError, SourceError
 from tests.configmgr import cmdb, postgres
 from tests.configmgr.conftest import DatabaseFactory, odbc_drivers, require_odbc_driver
@@ -24,16 +26,17 @@ SECRET = "Tr0ub4dor&3;x}y"
 
 
 def refresh_error(source: object, caplog: pytest.LogCaptureFixture) -> SourceError:
-    """Refresh, expect a SourceError, and check the one log line it leaves."""
-    caplog.clear()
-    with (
-        caplog.at_level(logging.WARNING, logger="exporter.sources.configmgr"),
-        pytest.raises(SourceError) as caught,
-    ):
+    """Refresh, expect a SourceError, and check the one log line the engine writes for it."""
+    with pytest.raises(SourceError) as caught:
         source.refresh(None)  # type: ignore[attr-defined]
-    lines = [r.getMessage() for r in caplog.records if r.name == "exporter.sources.configmgr"]
-    assert lines == [caught.value.message]
     assert "\n" not in caught.value.message
+    caplog.clear()
+    engine = Engine(Config(estates=(EstateConfig(name="t"),)), {"t": [source]})  # type: ignore[list-item]
+    with caplog.at_level(logging.WARNING, logger="exporter"):
+        engine.refresh("t", "configmgr")
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1 and caught.value.message in lines[0], lines
+    assert f"({caught.value.reason})" in lines[0]
     return caught.value
 
 
