@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ Json = dict[str, Any]
 VARIABLE_REFERENCE = re.compile(r"\$\{(\w+)(?::[\w-]+)?\}|\$(\w+)|\[\[(\w+)(?::[\w-]+)?\]\]")
 
 # Grafana built-ins a Prometheus query may use; each gets a value when a query is made concrete.
-BUILTIN_VARIABLES = frozenset({"__rate_interval", "__interval", "__interval_ms", "__range", "__range_s", "__range_ms"})
+BUILTIN_VARIABLES = frozenset(
+    {"__rate_interval", "__interval", "__interval_ms", "__range", "__range_s", "__range_ms"}
+)
 
 # Series Prometheus itself adds for every scrape target: not exported, yet real.
 PROMETHEUS_TARGET_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
@@ -69,7 +72,9 @@ class Target:
 def targets(board: Json) -> Iterator[Target]:
     for panel in visual_panels(board):
         for target in panel["targets"]:
-            yield Target(board["uid"], panel["title"], target["refId"], target["expr"], bool(target["instant"]))
+            yield Target(
+                board["uid"], panel["title"], target["refId"], target["expr"], bool(target["instant"])
+            )
 
 
 @dataclass(frozen=True)
@@ -78,12 +83,17 @@ class Selector:
     matchers: tuple[tuple[str, str, str], ...]  # (label, operator, value)
 
 
-MATCH_OPERATORS = {
-    promql_parser.MatchOp.Equal: "=",
-    promql_parser.MatchOp.NotEqual: "!=",
-    promql_parser.MatchOp.Re: "=~",
-    promql_parser.MatchOp.NotRe: "!~",
-}
+MATCH_OPERATORS = (
+    (promql_parser.MatchOp.Equal, "="),
+    (promql_parser.MatchOp.NotEqual, "!="),
+    (promql_parser.MatchOp.Re, "=~"),
+    (promql_parser.MatchOp.NotRe, "!~"),
+)
+
+
+def operator(op: promql_parser.MatchOp) -> str:
+    # MatchOp values compare equal but are not hashable.
+    return next(text for known, text in MATCH_OPERATORS if known == op)
 
 
 def selectors(expr: promql_parser.Expr) -> list[Selector]:
@@ -93,7 +103,7 @@ def selectors(expr: promql_parser.Expr) -> list[Selector]:
         if isinstance(node, promql_parser.VectorSelector):
             assert node.name, f"selector without a metric name: {node}"
             matchers = tuple(
-                (m.name, MATCH_OPERATORS[m.op], m.value) for m in node.matchers.matchers if m.name != "__name__"
+                (m.name, operator(m.op), m.value) for m in node.matchers.matchers if m.name != "__name__"
             )
             found.append(Selector(node.name, matchers))
 
@@ -124,7 +134,12 @@ def matrix_selectors(expr: promql_parser.Expr) -> list[promql_parser.MatrixSelec
 
 
 def rectangles_overlap(a: Json, b: Json) -> bool:
-    return a["x"] < b["x"] + b["w"] and b["x"] < a["x"] + a["w"] and a["y"] < b["y"] + b["h"] and b["y"] < a["y"] + a["h"]
+    return bool(
+        a["x"] < b["x"] + b["w"]
+        and b["x"] < a["x"] + a["w"]
+        and a["y"] < b["y"] + b["h"]
+        and b["y"] < a["y"] + a["h"]
+    )
 
 
 def expanded_layout(board: Json) -> list[tuple[str, Json]]:
@@ -148,3 +163,33 @@ def expanded_layout(board: Json) -> list[tuple[str, Json]]:
             position["y"] = row_y + 1 + (position["y"] - top)
             layout.append((panel["title"], position))
     return layout
+
+
+def overlaps(board: Json) -> list[str]:
+    """Pairs of panels that overlap, with collapsed rows closed and with every row expanded."""
+    found: list[str] = []
+    closed = [(panel["title"], panel["gridPos"]) for panel in board["panels"]]
+    for layout, state in ((closed, "collapsed"), (expanded_layout(board), "expanded")):
+        for index, (title, position) in enumerate(layout):
+            for other_title, other in layout[index + 1 :]:
+                if rectangles_overlap(position, other):
+                    found.append(f"{title!r} overlaps {other_title!r} (rows {state})")
+    return found
+
+
+def used_variables(board: Json) -> set[str]:
+    """Variables referenced by panels (queries, titles, repeats, data sources) and by variable queries."""
+    used = referenced_variables(json.dumps(board["panels"]))
+    used |= {panel["repeat"] for panel in all_panels(board) if panel.get("repeat")}
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            used |= referenced_variables(json.dumps(variable["datasource"]) + variable["query"])
+    return used
+
+
+def variable_problems(board: Json) -> list[str]:
+    defined = {variable["name"] for variable in board["templating"]["list"]}
+    used = used_variables(board)
+    problems = [f"undefined variable ${name}" for name in sorted(used - defined - BUILTIN_VARIABLES)]
+    problems += [f"unused variable ${name}" for name in sorted(defined - used)]
+    return problems
