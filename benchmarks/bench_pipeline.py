@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import tempfile
 import time
-import resource
 import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prometheus_client import generate_latest  # noqa: E402
-from prometheus_client.registry import CollectorRegistry  # noqa: E402
+from prometheus_client import generate_latest
+from prometheus_client.registry import CollectorRegistry
 
-from collectors import ExporterCollector, default_collectors  # noqa: E402
-from exporter.config import Config, EstateConfig  # noqa: E402
-from exporter.engine import Engine  # noqa: E402
-from exporter.ids import immutable_id  # noqa: E402
-from exporter.model import AdData, AdUser, CmUser, ConfigMgrData, EntraData, EntraUser  # noqa: E402
-from exporter.state import StateStore  # noqa: E402
+from collectors import ExporterCollector, default_collectors
+from exporter.config import Config, EstateConfig
+from exporter.engine import Engine
+from exporter.ids import immutable_id
+from exporter.model import AdData, AdUser, CmUser, ConfigMgrData, EntraData, EntraUser
+from exporter.state import StateStore
 
 
 class Static:
@@ -50,17 +50,37 @@ def build(n: int):
     for i in range(n):
         guid = uuid.UUID(int=i + 1).bytes_le
         sid = f"S-1-5-21-1-2-3-{1000 + i}"
-        ad_users.append(AdUser(guid, sid, f"user{i}", f"user{i}@contoso.com", guid, now - i, 512, f"CN=user{i}"))
+        ad_users.append(
+            AdUser(guid, sid, f"user{i}", f"user{i}@contoso.com", guid, now - i, 512, f"CN=user{i}")
+        )
         if i % 50 == 0:
             continue  # not synced
         eid = str(uuid.UUID(int=10**12 + i))
-        entra_users.append(EntraUser(eid, f"user{i}@contoso.com", True, immutable_id(guid), sid, f"user{i}", now - i))
+        entra_users.append(
+            EntraUser(eid, f"user{i}@contoso.com", True, immutable_id(guid), sid, f"user{i}", now - i)
+        )
         if i % 40 == 0:
             continue
         cloud = None if i % 30 == 0 else eid
-        cm_users.append(CmUser(16777216 + i, f"CONTOSO\\user{i}", f"user{i}@contoso.com", f"User {i}", sid, guid, 512,
-                               now - i, cloud, i % 20 != 0))
-    return AdData(tuple(ad_users), "CONTOSO"), EntraData(tuple(entra_users), len(entra_users)), ConfigMgrData(tuple(cm_users))
+        cm_users.append(
+            CmUser(
+                16777216 + i,
+                f"CONTOSO\\user{i}",
+                f"user{i}@contoso.com",
+                f"User {i}",
+                sid,
+                guid,
+                512,
+                now - i,
+                cloud,
+                i % 20 != 0,
+            )
+        )
+    return (
+        AdData(tuple(ad_users), "CONTOSO"),
+        EntraData(tuple(entra_users), len(entra_users)),
+        ConfigMgrData(tuple(cm_users)),
+    )
 
 
 def measure(label, fn):
@@ -71,8 +91,10 @@ def measure(label, fn):
     result = fn()
     elapsed = time.perf_counter() - started
     rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"{label:<42} {elapsed * 1000:9.1f} ms   peak RSS {rss_after / 1024:7.1f} MiB "
-          f"(+{(rss_after - rss_before) / 1024:.1f})")
+    print(
+        f"{label:<42} {elapsed * 1000:9.1f} ms   peak RSS {rss_after / 1024:7.1f} MiB "
+        f"(+{(rss_after - rss_before) / 1024:.1f})"
+    )
     return result
 
 
