@@ -81,6 +81,7 @@ class ActiveDirectoryConfig:
     page_size: int = 1000
     timeout: float = 60.0
     netbios_domain: str | None = None  # discovered from CN=Partitions when not set
+    tls_server_name: str | None = None  # name to verify the DC certificate against (URL with an IP/alias)
 
 
 @dataclass(frozen=True)
@@ -370,6 +371,7 @@ _AD_KEYS = (
     "page_size",
     "timeout",
     "netbios_domain",
+    "tls_server_name",
 )
 _ENTRA_KEYS = (
     "tenant_id",
@@ -493,6 +495,7 @@ def _parse_ad(check: _Checker, raw: Any, path: str) -> ActiveDirectoryConfig | N
     page_size = check.integer(m, "page_size", path, 1000, 1, 100_000)
     timeout = check.duration(m, "timeout", path, 60.0, minimum=1.0) or 60.0
     netbios = check.string(m, "netbios_domain", path)
+    tls_server_name = check.string(m, "tls_server_name", path)
     if len(check.problems) > before or url is None or bind_user is None or password is None:
         return None
     return ActiveDirectoryConfig(
@@ -509,6 +512,7 @@ def _parse_ad(check: _Checker, raw: Any, path: str) -> ActiveDirectoryConfig | N
         page_size=page_size,
         timeout=timeout,
         netbios_domain=netbios.upper() if netbios else None,
+        tls_server_name=tls_server_name,
     )
 
 

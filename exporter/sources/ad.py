@@ -135,10 +135,14 @@ class _HandshakeVerifyingTls(ldap3.Tls):
             do_handshake_on_connect=False,
             server_hostname=self._server_hostname,
         )
-        # Attach before the handshake so that a failed handshake leaves a socket we can close.
         connection.socket = wrapped
         if do_handshake:
-            wrapped.do_handshake()
+            try:
+                wrapped.do_handshake()
+            except BaseException:
+                # ldap3 moves on to the host's next address (or gives up) without closing it.
+                wrapped.close()
+                raise
 
 
 # ------------------------------------------------------------------------------ conversions
@@ -473,9 +477,9 @@ class ActiveDirectorySource:
         cfg = self.config
         context = self._ssl_context()
         # The name the certificate must carry. When the URL holds an IP address or an alias the
-        # certificate does not list, a tls_server_name key (proposed) lets the operator name the
-        # DC explicitly instead of turning verification off.
-        name = getattr(cfg, "tls_server_name", None) or self.endpoint.host
+        # certificate does not list, tls_server_name lets the operator name the DC explicitly
+        # instead of turning verification off.
+        name = cfg.tls_server_name or self.endpoint.host
         return _HandshakeVerifyingTls(context, name)
 
     def build_connection(self) -> ldap3.Connection:

@@ -9,6 +9,8 @@ records what Samba assigned to them, read back as Administrator with ldap3's own
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import socket
 import ssl
 import subprocess
@@ -25,7 +27,7 @@ import pytest
 import trustme
 
 from exporter.config import ActiveDirectoryConfig, Secret
-from tests.conftest import require_executable
+from tests.conftest import require_component
 
 REALM = "TEST.LOCAL"
 NETBIOS = "TEST"
@@ -51,6 +53,15 @@ class SambaDC:
     ca_file: str  # the CA that issued the DC's certificate
     other_ca_file: str  # an unrelated CA, for "wrong CA" tests
     process: subprocess.Popen[bytes]
+
+    @contextlib.contextmanager
+    def admin(self, schema: bool = False) -> Iterator[ldap3.Connection]:
+        # ldap3's own context manager leaves a connection open that was bound before "with".
+        conn = self.admin_connection(schema)
+        try:
+            yield conn
+        finally:
+            conn.unbind()
 
     def admin_connection(self, schema: bool = False) -> ldap3.Connection:
         tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=self.ca_file)
@@ -136,10 +147,18 @@ def _wait_until_ready(dc: SambaDC) -> None:
     pytest.fail(f"Samba did not answer LDAPS within {START_DEADLINE:.0f}s ({last_error}):\n{dc.log_tail()}")
 
 
+def _find_program(name: str) -> str:
+    # samba lives in /usr/sbin, which is not on every user's PATH.
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin")
+    require_component(name, path is not None, SAMBA_HINT)
+    assert path is not None
+    return path
+
+
 @pytest.fixture(scope="session")
 def samba_dc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SambaDC]:
-    samba_tool = require_executable("samba-tool", SAMBA_HINT)
-    samba = require_executable("samba", SAMBA_HINT)
+    samba_tool = _find_program("samba-tool")
+    samba = _find_program("samba")
     taken = [port for port in (LDAP_PORT, LDAPS_PORT) if _port_open(port)]
     if taken:
         pytest.fail(
@@ -222,7 +241,7 @@ def _add_user(
 @pytest.fixture(scope="session")
 def directory(samba_dc: SambaDC) -> Directory:
     consistency_guid = uuid.uuid4().bytes_le
-    with samba_dc.admin_connection() as conn:
+    with samba_dc.admin() as conn:
         for ou in (STAFF_OU, BULK_OU, CONTRACTORS_OU):
             conn.add(ou, ["top", "organizationalUnit"])
         # The exporter's service account: an ordinary domain user in CN=Users.
@@ -265,7 +284,7 @@ def _read_back(samba_dc: SambaDC) -> Directory:
         "userAccountControl",
         "mS-DS-ConsistencyGuid",
     ]
-    with samba_dc.admin_connection(schema=True) as conn:
+    with samba_dc.admin(schema=True) as conn:
         conn.search(DOMAIN_DN, "(objectClass=domain)", ldap3.BASE, attributes=["objectSid"])
         found.domain_sid = conn.entries[0].objectSid.value
         for base in (STAFF_OU, CONTRACTORS_OU):

@@ -7,7 +7,7 @@ import inspect
 import socket
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ldap3
@@ -224,16 +224,8 @@ def test_certificate_name_is_verified_after_start_tls(samba_dc: SambaDC, directo
     assert "TLS certificate verification failed" in error.message
 
 
-@dataclass(frozen=True)
-class ConfigWithServerName(ActiveDirectoryConfig):
-    """The proposed ``tls_server_name`` key (not yet in exporter.config), which the source honours."""
-
-    tls_server_name: str | None = None
-
-
-def with_server_name(config: ActiveDirectoryConfig, name: str) -> ConfigWithServerName:
-    values = {field.name: getattr(config, field.name) for field in fields(config)}
-    return ConfigWithServerName(**values, tls_server_name=name)
+def with_server_name(config: ActiveDirectoryConfig, name: str) -> ActiveDirectoryConfig:
+    return replace(config, tls_server_name=name)
 
 
 def test_tls_server_name_verifies_an_ip_url_against_the_dc_name(
