@@ -52,16 +52,21 @@ def _level_name(record: logging.LogRecord) -> str:
     return {"WARNING": "warn", "CRITICAL": "error"}.get(record.levelname, record.levelname.lower())
 
 
+def _fields(record: logging.LogRecord) -> dict[str, str]:
+    fields = {
+        "ts": _timestamp(record),
+        "level": _level_name(record),
+        "logger": record.name,
+        "msg": record.getMessage(),
+    }
+    if record.exc_text:
+        fields["err"] = record.exc_text
+    return fields
+
+
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = {
-            "ts": _timestamp(record),
-            "level": _level_name(record),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_text:
-            fields["err"] = record.exc_text
+        fields = _fields(record)
         return " ".join(f"{key}={_logfmt_value(value)}" for key, value in fields.items())
 
 
@@ -73,15 +78,7 @@ def _logfmt_value(value: str) -> str:
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        fields = {
-            "ts": _timestamp(record),
-            "level": _level_name(record),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        if record.exc_text:
-            fields["err"] = record.exc_text
-        return json.dumps(fields, ensure_ascii=False)
+        return json.dumps(_fields(record), ensure_ascii=False)
 
 
 def setup_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> SecretMaskFilter:

@@ -93,6 +93,14 @@ def _primitive(cls: type) -> Decoder:
     return check
 
 
+def _optional_of(cls: Any) -> Any:
+    """X for ``X | None``; the model uses no other unions."""
+    options = [o for o in typing.get_args(cls) if o is not type(None)]
+    if len(options) != 1:
+        raise TypeError(f"unsupported union {cls}")
+    return options[0]
+
+
 def encoder_for(cls: Any) -> Encoder:
     cached = _ENCODERS.get(cls)
     if cached is not None:
@@ -100,10 +108,7 @@ def encoder_for(cls: Any) -> Encoder:
     origin = typing.get_origin(cls)
     result: Encoder
     if origin in (Union, types.UnionType):
-        options = [o for o in typing.get_args(cls) if o is not type(None)]
-        if len(options) != 1:
-            raise TypeError(f"unsupported union {cls}")
-        inner = encoder_for(options[0])
+        inner = encoder_for(_optional_of(cls))
         result = lambda v: None if v is None else inner(v)  # noqa: E731
     elif origin is tuple:
         item = encoder_for(typing.get_args(cls)[0])
@@ -129,10 +134,7 @@ def decoder_for(cls: Any) -> Decoder:
     origin = typing.get_origin(cls)
     result: Decoder
     if origin in (Union, types.UnionType):
-        options = [o for o in typing.get_args(cls) if o is not type(None)]
-        if len(options) != 1:
-            raise TypeError(f"unsupported union {cls}")
-        inner = decoder_for(options[0])
+        inner = decoder_for(_optional_of(cls))
         result = lambda v: None if v is None else inner(v)  # noqa: E731
     elif origin is tuple:
         item = decoder_for(typing.get_args(cls)[0])

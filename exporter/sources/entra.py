@@ -55,10 +55,8 @@ class ShapeError(ValueError):
     """A Graph object that does not have the documented shape."""
 
 
-class EntraUsersSource:
-    """Every user of the tenant, keeping the synced ones (``kind = "entra"``)."""
-
-    kind: SourceKind = "entra"
+class _GraphSource:
+    """What both Entra sources share: one Graph client per tenant, released by its last user."""
 
     def __init__(self, config: EntraConfig, client: GraphClient) -> None:
         self.config = config
@@ -68,6 +66,24 @@ class EntraUsersSource:
 
     def describe(self) -> str:
         return self.client.describe()
+
+    def http_stats(self) -> HttpStats:
+        """Cumulative statistics of the Graph client, shared by both sources of the tenant."""
+        return self.client.http_stats()
+
+    def close(self) -> None:
+        if not self._closed:  # the client is shared: it closes when its last source does
+            self._closed = True
+            self.client.release()
+
+    def _shape_error(self, exc: ShapeError) -> SourceError:
+        return SourceError("data", f"Graph ({self.client.graph_host}) returned {exc}")
+
+
+class EntraUsersSource(_GraphSource):
+    """Every user of the tenant, keeping the synced ones (``kind = "entra"``)."""
+
+    kind: SourceKind = "entra"
 
     def refresh(self, previous: SourceData | None) -> EntraData:
         # Always a full read for now. An incremental read would start here: keep the
@@ -92,35 +108,17 @@ class EntraUsersSource:
         query = urlencode({"$select": ",".join(USER_PROPERTIES), "$top": self.config.page_size}, safe="$,")
         return self.client.url(f"/v1.0/users?{query}")
 
-    def http_stats(self) -> HttpStats:
-        """Cumulative statistics of the Graph client this source shares with the organization source."""
-        return self.client.http_stats()
-
-    def close(self) -> None:
-        if not self._closed:  # the client is shared: it closes when its last source does
-            self._closed = True
-            self.client.release()
-
     def _parse(self, item: dict[str, Any]) -> EntraUser:
         try:
             return parse_user(item)
         except ShapeError as exc:
-            raise SourceError("data", f"Graph ({self.client.graph_host}) returned {exc}") from None
+            raise self._shape_error(exc) from None
 
 
-class EntraOrganizationSource:
+class EntraOrganizationSource(_GraphSource):
     """Directory sync status and licensing (``kind = "entra_organization"``)."""
 
     kind: SourceKind = "entra_organization"
-
-    def __init__(self, config: EntraConfig, client: GraphClient) -> None:
-        self.config = config
-        self.client = client
-        self._closed = False
-        client.retain()
-
-    def describe(self) -> str:
-        return self.client.describe()
 
     def refresh(self, previous: SourceData | None) -> OrganizationData:
         budget = self.client.new_budget()
@@ -138,16 +136,7 @@ class EntraOrganizationSource:
                 subscriptions=tuple(parse_subscription(item) for item in subscriptions),
             )
         except ShapeError as exc:
-            raise SourceError("data", f"Graph ({self.client.graph_host}) returned {exc}") from None
-
-    def http_stats(self) -> HttpStats:
-        """Cumulative statistics of the Graph client this source shares with the users source."""
-        return self.client.http_stats()
-
-    def close(self) -> None:
-        if not self._closed:  # the client is shared: it closes when its last source does
-            self._closed = True
-            self.client.release()
+            raise self._shape_error(exc) from None
 
     def _collect(self, endpoint: Endpoint, path: str, budget: RetryBudget) -> list[dict[str, Any]]:
         return [
