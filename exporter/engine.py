@@ -74,9 +74,18 @@ class EstateSnapshot:
     configmgr_summary: ConfigMgrSummary | None = None
     entra_summary: EntraSummary | None = None
 
+    def data_of(self, kind: SourceKind) -> SourceData | None:
+        return {
+            "ad": self.ad,
+            "entra": self.entra,
+            "entra_organization": self.organization,
+            "configmgr": self.configmgr,
+        }[kind]
+
     @property
     def ready(self) -> bool:
-        return all(status.refreshed for status in self.sources.values())
+        """Every configured source has data: from a successful refresh or from the state file."""
+        return all(self.data_of(kind) is not None for kind in self.sources)
 
 
 @dataclass(frozen=True)

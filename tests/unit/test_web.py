@@ -66,16 +66,27 @@ def test_endpoints(serve):
     assert status == 200 and b'href="metrics"' in page and b"fake configmgr" in page
 
 
-def test_ready_only_after_every_source_refreshed(serve):
+def test_ready_only_once_every_source_has_data(serve):
     from exporter.config import Config, EstateConfig
     from exporter.engine import Engine
+    from exporter.sources.base import SourceError
     from tests.builders import ad, ad_user
     from tests.fakes import FakeSource
 
-    engine = Engine(Config(estates=(EstateConfig(name="e"),)), {"e": [FakeSource("ad", ad(ad_user("r")))]})
+    def down(previous):
+        raise SourceError("network", "dc01 unreachable")
+
+    source = FakeSource("ad", down)
+    engine = Engine(Config(estates=(EstateConfig(name="e"),)), {"e": [source]})
     port = serve(engine)
     assert get(f"http://127.0.0.1:{port}/-/ready")[0] == 503
+    engine.refresh_all()  # a failed first refresh brings no data: still not ready
+    assert get(f"http://127.0.0.1:{port}/-/ready")[0] == 503
+    source.behaviour = ad(ad_user("r"))
     engine.refresh_all()
+    assert get(f"http://127.0.0.1:{port}/-/ready")[0] == 200
+    source.behaviour = down
+    engine.refresh_all()  # once it had data, a later failure keeps it ready (last good data is served)
     assert get(f"http://127.0.0.1:{port}/-/ready")[0] == 200
 
 
