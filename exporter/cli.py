@@ -79,6 +79,28 @@ def build_sources(config: Config) -> dict[str, list[Source]]:
     return {estate.name: build_estate_sources(estate) for estate in config.estates}
 
 
+def check_config(path: str) -> int:
+    """Validate the file and build (but never connect) every source client, which catches what
+    only the clients can check: unreadable CA files, certificates that do not match a thumbprint."""
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"{path}: {len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        sources = build_sources(config)
+    except ConfigurationError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for estate_sources in sources.values():
+        for source in estate_sources:
+            source.close()
+    print(f"{path}: OK")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.demo_time_scale <= 0:
@@ -86,15 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
     if args.config_check:
-        try:
-            load_config(args.config_file)
-        except ConfigError as exc:
-            print(f"{args.config_file}: {len(exc.problems)} problem(s):", file=sys.stderr)
-            for problem in exc.problems:
-                print(f"  {problem}", file=sys.stderr)
-            return EXIT_USAGE
-        print(f"{args.config_file}: OK")
-        return EXIT_OK
+        return check_config(args.config_file)
 
     try:
         address = parse_listen_address(args.listen_address)

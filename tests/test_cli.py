@@ -176,3 +176,25 @@ def test_demo_serves_all_stages_and_shuts_down_on_sigterm():
         _out, err = process.communicate(timeout=20)
     assert process.returncode == 0, err
     assert '"msg": "stopped"' in err
+
+
+def test_config_check_builds_clients_and_reports_bad_certificate(tmp_path):
+    not_a_key = tmp_path / "app.pem"
+    not_a_key.write_text("this is not a PEM file\n")
+    config = tmp_path / "config.yml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            estates:
+              - name: contoso
+                entra:
+                  tenant_id: 11111111-1111-1111-1111-111111111111
+                  client_id: 22222222-2222-2222-2222-222222222222
+                  certificate_file: {not_a_key}
+                  certificate_thumbprint: 0123456789ABCDEF0123456789ABCDEF01234567
+            """
+        )
+    )
+    result = run("--config.check", "--config.file", str(config))
+    assert result.returncode == 2
+    assert "certificate_file" in result.stderr and "private key" in result.stderr
