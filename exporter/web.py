@@ -29,8 +29,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
 
 import exporter
-from exporter.engine import Snapshot
-from exporter.model import WAITING_STAGES
+from exporter.engine import EstateSnapshot, Snapshot
+from exporter.model import STAGES, WAITING_STAGES
 from exporter.stages import user_label_value
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def stuck_document(snapshot: Snapshot, user_label: str) -> dict[str, Any]:
@@ -381,6 +383,7 @@ def landing_page(snapshot: Snapshot, title: str) -> str:
                 + "</tr>"
             )
     ready = "ready" if snapshot.ready else "not ready yet (waiting for the first refresh)"
+    pipeline = "".join(_pipeline_table(estate) for estate in snapshot.estates)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
@@ -390,12 +393,28 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head>
 snapshot taken {_iso(snapshot.taken_at)}.</p>
 <ul><li><a href="metrics">Metrics</a></li><li><a href="stuck">Stuck users (JSON)</a></li>
 <li><a href="-/healthy">Health</a></li><li><a href="-/ready">Readiness</a></li></ul>
+{pipeline}
 <h2>Sources</h2>
 <table><tr><th>Estate</th><th>Source</th><th>Reads from</th><th>State</th><th>Last success</th>
 <th>Records</th><th>Last error</th></tr>
 {"".join(rows)}
 </table></body></html>
 """
+
+
+def _pipeline_table(estate: EstateSnapshot) -> str:
+    view = estate.view
+    if view is None:
+        return ""
+    cells = "".join(
+        f"<tr><td>{stage}</td><td>{view.users[stage]}</td><td>{view.stuck[stage]}</td></tr>"
+        for stage in STAGES
+    )
+    return (
+        f"<h2>Pipeline: {html.escape(estate.name)}</h2>"
+        "<table><tr><th>Stage</th><th>Users</th><th>Stuck</th></tr>"
+        f"{cells}</table>"
+    )
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:
