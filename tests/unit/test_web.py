@@ -64,7 +64,9 @@ def test_endpoints(serve):
     assert get(base + "/nope")[0] == 404
     status, _, page = get(base + "/")
     assert status == 200 and b'href="metrics"' in page and b"fake configmgr" in page
-    assert b"<h2>Pipeline: contoso</h2>" in page and b"<tr><td>ad_created</td><td>5</td><td>5</td></tr>" in page
+    assert (
+        b"<h2>Pipeline: contoso</h2>" in page and b"<tr><td>ad_created</td><td>5</td><td>5</td></tr>" in page
+    )
 
 
 def test_ready_only_once_every_source_has_data(serve):
