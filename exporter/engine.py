@@ -43,7 +43,6 @@ from exporter.state import PersistedEstate, PersistedSource, StateStore
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 _T = TypeVar("_T")
-PERSIST_MIN_GAP = 30.0
 
 
 @dataclass(frozen=True)
@@ -250,18 +249,16 @@ class Engine:
             self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
 
     def _run_persister(self) -> None:
-        """Write the state file after refreshes, at most once per PERSIST_MIN_GAP seconds.
+        """Write the state file whenever a refresh finished since the last write.
 
-        Serialising a large estate takes seconds; with four sources per estate refreshing at
-        different moments, writing after each one would do that work several times per cycle.
+        One writer thread: refreshes that finish while a (possibly multi-second) write of a large
+        estate is under way are coalesced into the next write instead of queueing one each, and a
+        kill right after the exporter became ready still finds every source in the file.
         """
-        gap = min(PERSIST_MIN_GAP, self.config.refresh_interval)
         while not self._stop.is_set():
-            if not self._dirty.wait(0.5):
-                continue
-            self._dirty.clear()
-            self.persist()
-            self._stop.wait(gap)
+            if self._dirty.wait(0.2):
+                self._dirty.clear()
+                self.persist()
 
     def _refresh_with_deadline(self, estate: _EstateState, source: Source) -> None:
         """Refresh in a worker thread and give up waiting after the refresh timeout.

@@ -224,3 +224,27 @@ def test_records_metric_source_counts(kind):
     engine = engine_with([FakeSource(kind, data)])
     engine.refresh_all()
     assert engine.snapshot().estates[0].sources[kind].records == {"ad": 3, "entra": 5, "configmgr": 3}[kind]
+
+
+def test_background_persister_writes_every_source_soon_after_it_refreshed(tmp_path):
+    import time
+
+    ad_data, entra_data, cm_data = make_estate()
+    store = StateStore(tmp_path / "state.json")
+    slow_cm = FakeSource("configmgr", lambda previous: (time.sleep(0.3), cm_data)[1])
+    sources = [FakeSource("ad", ad_data), FakeSource("entra", entra_data), slow_cm]
+    engine = engine_with(sources, store=store, refresh_interval=300)
+    engine.start()
+    try:
+        deadline = time.monotonic() + 10
+        persisted = {}
+        while time.monotonic() < deadline:
+            persisted = store.load().get("contoso")
+            if persisted and set(persisted.sources) == {"ad", "entra", "configmgr"}:
+                break
+            time.sleep(0.05)
+        # Written while the engine still runs (a SIGKILL now would lose nothing), not only at stop().
+        assert persisted and set(persisted.sources) == {"ad", "entra", "configmgr"}
+        assert persisted.sources["configmgr"].data == cm_data
+    finally:
+        engine.stop()
