@@ -9,16 +9,9 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from exporter.engine import Snapshot
+from exporter.products import product_name
 
 _FRESHNESS = " Values come from the exporter's background refresh of Microsoft Graph."
-
-
-def _product_name(part_number: str, sku_id: str) -> str:
-    try:
-        from exporter.products import product_name
-    except ImportError:  # pragma: no cover - the table ships with the package
-        return part_number
-    return product_name(part_number, sku_id)
 
 
 def snake_case(value: str) -> str:
@@ -53,7 +46,7 @@ class LicenseCollector:
             if org is None:
                 continue
             for sku in org.skus:
-                name = _product_name(sku.sku_part_number, sku.sku_id)
+                name = product_name(sku.sku_part_number, sku.sku_id)
                 base = [estate.name, sku.sku_part_number, name]
                 prepaid.add_metric([*base, "enabled"], sku.prepaid_enabled)
                 prepaid.add_metric([*base, "warning"], sku.prepaid_warning)

@@ -19,7 +19,13 @@ from exporter.engine import Engine
 from exporter.logs import LEVELS, setup_logging
 from exporter.sources.base import ConfigurationError, Source
 from exporter.state import StateStore
-from exporter.web import ExporterHTTPServer, WebConfigError, load_web_config, parse_listen_address
+from exporter.web import (
+    ExporterHTTPServer,
+    WebConfigError,
+    load_web_config,
+    parse_listen_address,
+    serve_forever_in_thread,
+)
 
 log = logging.getLogger("exporter")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -170,8 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
 
     engine.start()
-    serve_thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-    serve_thread.start()
+    serve_forever_in_thread(server)
     scheme = "https" if web_config.ssl_context else "http"
     log.info(
         "intune-provisioning-exporter %s listening on %s://%s:%d (%d estate(s))",

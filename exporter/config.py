@@ -143,17 +143,12 @@ class Config:
                     if isinstance(item, Secret) and item.value:
                         values.append(item.value)
             if estate.configmgr is not None:
-                values.extend(_connection_string_passwords(estate.configmgr.connection_string.value))
+                # The ODBC parser of the ConfigMgr client (braces, doubled "}"), not a second one here.
+                from exporter.sources.configmgr import connection_secrets, parse_connection_string
+
+                attributes = parse_connection_string(estate.configmgr.connection_string.value)
+                values.extend(connection_secrets(attributes, None))
         return values
-
-
-def _connection_string_passwords(conn: str) -> list[str]:
-    found = []
-    for part in conn.split(";"):
-        key, sep, value = part.partition("=")
-        if sep and key.strip().upper() in {"PWD", "PASSWORD"} and value.strip():
-            found.append(value.strip().strip("{}"))
-    return found
 
 
 # ---------------------------------------------------------------------------------- parsing

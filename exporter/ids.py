@@ -72,11 +72,6 @@ def guid_text(value: object) -> str | None:
         raise ValueError(f"not a GUID: {value!r}") from exc
 
 
-def guid_display(raw: bytes) -> str:
-    """How AD tools render objectGUID bytes (lower-case text)."""
-    return str(uuid.UUID(bytes_le=raw))
-
-
 def immutable_id(anchor: bytes) -> str:
     """Entra's onPremisesImmutableId for a source anchor: base64 of its raw bytes."""
     return base64.b64encode(anchor).decode("ascii")
@@ -173,7 +168,6 @@ def epoch_seconds(value: object) -> float | None:
 __all__ = [
     "epoch_seconds",
     "guid_bytes",
-    "guid_display",
     "guid_text",
     "immutable_id",
     "sid_from_bytes",
