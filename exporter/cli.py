@@ -16,16 +16,11 @@ import exporter
 from collectors import ExporterCollector, default_collectors
 from exporter.config import Config, ConfigError, load_config
 from exporter.engine import Engine
+from exporter.httpserver import ExporterHTTPServer, parse_listen_address, serve_forever_in_thread
 from exporter.logs import LEVELS, setup_logging
 from exporter.sources.base import ConfigurationError, Source
 from exporter.state import StateStore
-from exporter.web import (
-    ExporterHTTPServer,
-    WebConfigError,
-    load_web_config,
-    parse_listen_address,
-    serve_forever_in_thread,
-)
+from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2

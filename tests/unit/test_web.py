@@ -16,7 +16,8 @@ import trustme
 from prometheus_client.registry import CollectorRegistry
 
 from collectors import ExporterCollector, default_collectors
-from exporter.web import ExporterHTTPServer, WebConfigError, load_web_config, parse_listen_address
+from exporter.httpserver import ExporterHTTPServer, parse_listen_address
+from exporter.webconfig import WebConfigError, load_web_config
 from tests.unit.test_collectors import full_engine
 
 
