@@ -1,0 +1,1 @@
+"""Provisioning pipelines: the chains of stages a user travels, as data plus their evaluation."""
