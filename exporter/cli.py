@@ -20,6 +20,7 @@ from exporter.httpserver import ExporterHTTPServer, parse_listen_address, serve_
 from exporter.logs import LEVELS, setup_logging
 from exporter.sources.base import ConfigurationError, Source
 from exporter.state import StateStore
+from exporter.webapp import build_app
 from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")
@@ -155,8 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     registry.register(
         ExporterCollector(engine.snapshot, default_collectors(config.user_label, config.stuck_users_listed))
     )
+    app = build_app(registry, engine.snapshot, config.user_label)
     try:
-        server = ExporterHTTPServer(address, registry, engine.snapshot, web_config, config.user_label)
+        server = ExporterHTTPServer(address, app, web_config)
     except OSError as exc:
         log.error("cannot listen on %s: %s", args.listen_address, exc.strerror or exc)
         return EXIT_FAILURE

@@ -1,31 +1,26 @@
-"""HTTP endpoints, with TLS and basic auth from an exporter-toolkit style web config file.
+"""The HTTP transport: serves an :data:`App` (``exporter.webapp`` builds the exporter's) with TLS and
+basic auth from an exporter-toolkit style web config file.
 
-``/metrics`` (Prometheus text or OpenMetrics, gzip when asked), ``/`` (landing page with per-source
-status), ``/-/healthy``, ``/-/ready`` and ``/stuck`` (JSON). A request never reaches a backend: every
-handler reads the engine's current snapshot.
+The transport owns everything that is the same for every path: parsing, basic auth, the configured
+response headers, HEAD, and turning an exception in the app into a 500.
 """
 
 from __future__ import annotations
 
 import base64
-import gzip
 import hashlib
-import json
 import logging
 import re
 import socket
 import ssl
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import CollectorRegistry
+from urllib.parse import parse_qs
 
 import exporter
-from exporter.engine import Snapshot
-from exporter.pages import landing_page, stuck_document
 from exporter.webconfig import WebConfig
 
 log = logging.getLogger(__name__)
@@ -39,10 +34,6 @@ class BasicAuth:
         self.users = users
         self._cache: dict[str, bool] = {}
         self._lock = threading.Lock()
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.users)
 
     def check(self, header: str | None) -> bool:
         if not self.users:
@@ -71,27 +62,44 @@ class BasicAuth:
         return ok
 
 
+@dataclass(frozen=True)
+class Request:
+    """One parsed HTTP request. Header names are lower-case; ``query`` maps each parameter to
+    every value it was given (``?user=a&user=b`` -> ``{"user": ["a", "b"]}``)."""
+
+    method: str
+    path: str
+    query: Mapping[str, list[str]] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def header(self, name: str, default: str = "") -> str:
+        return self.headers.get(name.lower(), default)
+
+
+@dataclass(frozen=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+App = Callable[[Request], Response]
+
+UNAUTHORIZED = Response(401, b"Unauthorized\n", "text/plain", {"WWW-Authenticate": 'Basic realm="exporter"'})
+INTERNAL_ERROR = Response(500, b"Internal Server Error\n", "text/plain")
+
+
 class ExporterHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(
-        self,
-        address: tuple[str, int],
-        registry: CollectorRegistry,
-        snapshot: Callable[[], Snapshot],
-        web_config: WebConfig,
-        user_label: str,
-        landing_title: str = "intune-provisioning-exporter",
-    ) -> None:
+    def __init__(self, address: tuple[str, int], app: App, web_config: WebConfig) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, _Handler)
-        self.registry = registry
-        self.snapshot = snapshot
+        self.app = app
         self.web_config = web_config
         self.auth = BasicAuth(web_config.basic_auth_users)
-        self.user_label = user_label
-        self.landing_title = landing_title
 
     def get_request(self) -> tuple[socket.socket, Any]:
         conn, addr = super().get_request()
@@ -104,6 +112,15 @@ class ExporterHTTPServer(ThreadingHTTPServer):
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("error serving %s", client_address, exc_info=True)
+
+    def respond(self, request: Request) -> Response:
+        if not self.auth.check(request.header("authorization") or None):
+            return UNAUTHORIZED
+        try:
+            return self.app(request)
+        except Exception:
+            log.exception("error while serving %s", request.path)
+            return INTERNAL_ERROR
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -125,67 +142,27 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if not self.server.auth.check(self.headers.get("Authorization")):
-            self._send(401, b"Unauthorized\n", "text/plain", {"WWW-Authenticate": 'Basic realm="exporter"'})
-            return
-        routes = {
-            "/metrics": self._metrics,
-            "/": self._landing,
-            "/-/healthy": self._healthy,
-            "/-/ready": self._ready,
-            "/stuck": self._stuck,
-        }
-        handler = routes.get(path)
-        if handler is None:
-            self._send(404, b"Not Found\n", "text/plain")
-            return
-        try:
-            handler()
-        except Exception:
-            log.exception("error while serving %s", path)
-            self._send(500, b"Internal Server Error\n", "text/plain")
+        path, _, query = self.path.partition("?")
+        request = Request(
+            method=self.command,
+            path=path,
+            query=parse_qs(query, keep_blank_values=True),
+            headers={name.lower(): value for name, value in self.headers.items()},
+        )
+        self._send(self.server.respond(request))
 
     def do_HEAD(self) -> None:
         self.do_GET()
 
-    def _send(
-        self, code: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None
-    ) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        for name, value in {**self.server.web_config.headers, **(headers or {})}.items():
+    def _send(self, response: Response) -> None:
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        for name, value in {**self.server.web_config.headers, **response.headers}.items():
             self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(response.body)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _metrics(self) -> None:
-        encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-        body = encoder(self.server.registry)
-        headers = {}
-        if "gzip" in self.headers.get("Accept-Encoding", ""):
-            body = gzip.compress(body)
-            headers["Content-Encoding"] = "gzip"
-        self._send(200, body, content_type, headers)
-
-    def _healthy(self) -> None:
-        self._send(200, b"Healthy\n", "text/plain; charset=utf-8")
-
-    def _ready(self) -> None:
-        if self.server.snapshot().ready:
-            self._send(200, b"Ready\n", "text/plain; charset=utf-8")
-        else:
-            self._send(503, b"Not ready: waiting for the first refresh of every source\n", "text/plain")
-
-    def _stuck(self) -> None:
-        body = json.dumps(stuck_document(self.server.snapshot(), self.server.user_label), indent=2)
-        self._send(200, body.encode(), "application/json")
-
-    def _landing(self) -> None:
-        page = landing_page(self.server.snapshot(), self.server.landing_title)
-        self._send(200, page.encode(), "text/html; charset=utf-8")
+            self.wfile.write(response.body)
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:

@@ -17,6 +17,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from collectors import ExporterCollector, default_collectors
 from exporter.httpserver import ExporterHTTPServer, parse_listen_address
+from exporter.webapp import build_app
 from exporter.webconfig import WebConfigError, load_web_config
 from tests.unit.test_collectors import full_engine
 
@@ -28,9 +29,8 @@ def serve():
     def start(engine, web_config=None, user_label="upn"):
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ExporterCollector(engine.snapshot, default_collectors(user_label, 25)))
-        server = ExporterHTTPServer(
-            ("127.0.0.1", 0), registry, engine.snapshot, web_config or load_web_config(None), user_label
-        )
+        app = build_app(registry, engine.snapshot, user_label)
+        server = ExporterHTTPServer(("127.0.0.1", 0), app, web_config or load_web_config(None))
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return server.server_address[1]
