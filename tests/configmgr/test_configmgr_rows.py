@@ -11,6 +11,12 @@ import pytest
 
 from exporter.ids import sid_to_bytes
 from exporter.model import CmComponent
+from exporter.odbc import (
+    build_connection_string,
+    connection_secrets,
+    connection_target,
+    parse_connection_string,
+)
 from exporter.sources.configmgr import (
     COMPONENT_COLUMNS,
     SINCE_MIDNIGHT_TALLY,
@@ -18,15 +24,11 @@ from exporter.sources.configmgr import (
     ComponentRow,
     MalformedResultError,
     RowError,
-    build_connection_string,
     classify_odbc_error,
     cloud_user_id,
     column_index,
     component_row,
-    connection_secrets,
-    connection_target,
     object_guid,
-    parse_connection_string,
     scrub,
     select_components,
     timestamp,
