@@ -174,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     engine.start()
     serve_forever_in_thread(server)
-    scheme = "https" if web_config.ssl_context else "http"
+    scheme = server.scheme
     log.info(
         "intune-provisioning-exporter %s listening on %s://%s:%d (%d estate(s))",
         exporter.__version__,

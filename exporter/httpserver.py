@@ -1,65 +1,46 @@
-"""The HTTP transport: serves an :data:`App` (``exporter.webapp`` builds the exporter's) with TLS and
-basic auth from an exporter-toolkit style web config file.
+"""The HTTP transport: serves an :data:`App` (``exporter.webapp`` builds the exporter's) with TLS,
+basic auth, response headers and a rate limit from an exporter-toolkit style web config file.
 
 The transport owns everything that is the same for every path: parsing, basic auth, the configured
-response headers, HEAD, and turning an exception in the app into a 500.
+response headers, HEAD, and turning an exception in the app into a 500. It is built to stay
+reachable when clients misbehave:
+
+- one thread per connection, at most ``max_connections`` of them (bounded below the descriptor
+  limit); when a new client arrives at the limit, the connection that has waited longest for a
+  request is closed, so idle or half-sent connections can never lock scrapers out;
+- a watchdog closes connections that take too long to send their request headers (slowloris), sit
+  idle between keep-alive requests, or do not read their response;
+- each response leaves in one write with TCP_NODELAY (no Nagle / delayed-ACK stall on small
+  responses), the listen backlog is large, keep-alive is kept;
+- a client that goes away is a debug line; only an exception in the app is an error.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import hmac
 import logging
 import re
+import resource
+import secrets
 import socket
-import ssl
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
-from urllib.parse import parse_qs
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Protocol
+from urllib.parse import parse_qs, urlsplit
+
+import bcrypt
 
 import exporter
-from exporter.webconfig import WebConfig
+from exporter.webconfig import RateLimit, WebConfig
 
 log = logging.getLogger(__name__)
-
-
-class BasicAuth:
-    """bcrypt checks are slow by design; successful checks are cached by a hash of the credentials
-    so that a scrape every few seconds does not spend a core on bcrypt."""
-
-    def __init__(self, users: Mapping[str, bytes]) -> None:
-        self.users = users
-        self._cache: dict[str, bool] = {}
-        self._lock = threading.Lock()
-
-    def check(self, header: str | None) -> bool:
-        if not self.users:
-            return True
-        if not header or not header.startswith("Basic "):
-            return False
-        try:
-            user, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
-        except (ValueError, UnicodeDecodeError):
-            return False
-        hashed = self.users.get(user)
-        if hashed is None:
-            return False
-        cache_key = hashlib.sha256(hashed + b"\0" + password.encode()).hexdigest()
-        with self._lock:
-            cached = self._cache.get(cache_key)
-        if cached is not None:
-            return cached
-        import bcrypt
-
-        ok = bcrypt.checkpw(password.encode(), hashed)
-        with self._lock:
-            if len(self._cache) > 1000:
-                self._cache.clear()
-            self._cache[cache_key] = ok
-        return ok
 
 
 @dataclass(frozen=True)
@@ -86,35 +67,292 @@ class Response:
 
 App = Callable[[Request], Response]
 
-UNAUTHORIZED = Response(401, b"Unauthorized\n", "text/plain", {"WWW-Authenticate": 'Basic realm="exporter"'})
-INTERNAL_ERROR = Response(500, b"Internal Server Error\n", "text/plain")
+TEXT = "text/plain; charset=utf-8"
+UNAUTHORIZED = Response(401, b"Unauthorized\n", TEXT, {"WWW-Authenticate": 'Basic realm="exporter"'})
+INTERNAL_ERROR = Response(500, b"Internal Server Error\n", TEXT)
+TOO_MANY_REQUESTS = Response(429, b"Too Many Requests\n", TEXT)
+METHOD_NOT_ALLOWED = Response(405, b"Method Not Allowed\n", TEXT, {"Allow": "GET, HEAD"})
 
 
-class ExporterHTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+@dataclass(frozen=True)
+class Limits:
+    """How long and how much a client may take. ``max_connections`` is further bounded by half the
+    process's descriptor limit, so that accepting can never starve the backends of descriptors."""
 
-    def __init__(self, address: tuple[str, int], app: App, web_config: WebConfig) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, _Handler)
+    max_connections: int = 128
+    header_timeout: float = 10.0  # connect (and TLS handshake) to complete request headers
+    idle_timeout: float = 120.0  # keep-alive connection waiting for its next request
+    write_timeout: float = 60.0  # a response must be taken within this
+    max_header_bytes: int = 32 * 1024
+    max_body_bytes: int = 64 * 1024  # bodies are read and ignored: no route takes one
+
+    def connection_limit(self) -> int:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return self.max_connections
+        return max(4, min(self.max_connections, soft // 2))
+
+
+class Stream(Protocol):
+    """A connected client: a plain socket or a :class:`exporter.tls.TLSStream`."""
+
+    def recv(self, size: int, /) -> bytes: ...
+
+    def sendall(self, data: bytes, /) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ClientError(Exception):
+    """The request cannot be served; answered with ``status`` and the connection closed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --- authentication and rate limiting -------------------------------------------------------------
+
+
+class BasicAuth:
+    """bcrypt checks are slow by design. Successful checks are remembered (under a keyed digest, so
+    the memory holds nothing an attacker could brute-force offline) so that a scrape every few
+    seconds does not spend a core on bcrypt; bcrypt runs one at a time so that a flood of wrong
+    passwords costs at most one core."""
+
+    MAX_PASSWORD_BYTES = 72  # bcrypt's limit; bcrypt >= 4.1 raises on longer input
+
+    def __init__(self, users: Mapping[str, bytes]) -> None:
+        self.users = users
+        self._key = secrets.token_bytes(32)
+        self._verified: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._bcrypt_lock = threading.Lock()
+
+    def check(self, header: str) -> bool:
+        if not self.users:
+            return True
+        credentials = _basic_credentials(header)
+        if credentials is None:
+            return False
+        user, password = credentials
+        hashed = self.users.get(user)
+        if hashed is None or len(password) > self.MAX_PASSWORD_BYTES:
+            # Same work as a known user, so that timing does not tell which user names exist.
+            hashed, user = next(iter(self.users.values())), ""
+        digest = hmac.new(
+            self._key, user.encode() + b"\0" + hashed + b"\0" + password, hashlib.sha256
+        ).digest()
+        with self._lock:
+            if digest in self._verified:
+                return True
+        with self._bcrypt_lock:
+            ok = bcrypt.checkpw(password[: self.MAX_PASSWORD_BYTES], hashed) and bool(user)
+        if ok and len(password) <= self.MAX_PASSWORD_BYTES:
+            with self._lock:
+                if len(self._verified) >= 1000:
+                    self._verified.clear()
+                self._verified.add(digest)
+            return True
+        return False
+
+
+def _basic_credentials(header: str) -> tuple[str, bytes] | None:
+    scheme, _, encoded = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True)
+    except ValueError:
+        return None
+    user, colon, password = decoded.partition(b":")
+    if not colon:
+        return None
+    try:
+        return user.decode("utf-8"), password
+    except UnicodeDecodeError:
+        return None
+
+
+class TokenBucket:
+    """exporter-toolkit's ``rate_limit``: ``burst`` requests at once, refilled one per interval."""
+
+    def __init__(self, limit: RateLimit) -> None:
+        self.limit = limit
+        self._tokens = float(limit.burst)
+        self._updated = time.monotonic()
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            refill = (now - self._updated) / self.limit.interval
+            self._tokens = min(float(self.limit.burst), self._tokens + refill)
+            self._updated = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return True
+            return False
+
+
+# --- connection bookkeeping ---------------------------------------------------------------------
+
+
+class _Connection:
+    def __init__(self, sock: socket.socket, address: object, deadline: float) -> None:
+        self.sock = sock
+        self.address = address
+        self.deadline = deadline  # monotonic; the watchdog closes the connection after it
+        self.waiting_since: float | None = time.monotonic()  # waiting for a request: may be evicted
+        self.aborted = False
+
+    def abort(self, why: str) -> None:
+        """Wake the connection's thread: its blocked read or write fails and it closes."""
+        if self.aborted:
+            return
+        self.aborted = True
+        log.debug("closing connection from %s: %s", self.address, why)
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Connections:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._items: set[_Connection] = set()
+        self._lock = threading.Lock()
+
+    def add(self, connection: _Connection) -> bool:
+        """Admit a new connection; at the limit, make room by closing the one that has waited
+        longest for a request. False when every connection is busy with a response."""
+        with self._lock:
+            live = [c for c in self._items if not c.aborted]
+            if len(live) >= self.limit:
+                waiting = [c for c in live if c.waiting_since is not None]
+                if not waiting:
+                    return False
+                min(waiting, key=lambda c: c.waiting_since or 0.0).abort("connection limit reached")
+            self._items.add(connection)
+            return True
+
+    def remove(self, connection: _Connection) -> None:
+        with self._lock:
+            self._items.discard(connection)
+
+    def expire(self, now: float) -> None:
+        with self._lock:
+            expired = [c for c in self._items if c.deadline <= now]
+        for connection in expired:
+            connection.abort("timed out")
+
+    def abort_all(self) -> None:
+        with self._lock:
+            items = list(self._items)
+        for connection in items:
+            connection.abort("server shutting down")
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+# --- the server -----------------------------------------------------------------------------------
+
+
+class ExporterHTTPServer:
+    """Listens at construction (so a busy port fails early); :meth:`serve_forever` accepts."""
+
+    def __init__(
+        self, address: tuple[str, int], app: App, web_config: WebConfig, limits: Limits | None = None
+    ) -> None:
         self.app = app
         self.web_config = web_config
+        self.limits = limits or Limits()
         self.auth = BasicAuth(web_config.basic_auth_users)
+        self.rate_limit = TokenBucket(web_config.rate_limit) if web_config.rate_limit else None
+        self.connections = _Connections(self.limits.connection_limit())
+        self._stop = threading.Event()
+        self._stopped = threading.Event()
+        self._stopped.set()
+        self._listener = _listen(address)
+        self.server_address: tuple[str, int] = self._listener.getsockname()[:2]
 
-    def get_request(self) -> tuple[socket.socket, Any]:
-        conn, addr = super().get_request()
-        context = self.web_config.ssl_context
-        if context is None:
-            return conn, addr
-        # The handshake happens in the request thread (do_handshake_on_connect), not here, so one
-        # slow client cannot stall the accept loop.
-        return context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False), addr
+    @property
+    def scheme(self) -> str:
+        return "https" if self.web_config.tls else "http"
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("error serving %s", client_address, exc_info=True)
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept until :meth:`shutdown`; a watchdog thread enforces the deadlines meanwhile."""
+        self._stopped.clear()
+        watchdog = threading.Thread(target=self._watch, name="http-watchdog", daemon=True)
+        watchdog.start()
+        self._listener.settimeout(poll_interval)
+        try:
+            while not self._stop.is_set():
+                self._accept_one()
+        finally:
+            self._stopped.set()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._stopped.wait()
+
+    def server_close(self) -> None:
+        self._stop.set()
+        self._listener.close()
+        self.connections.abort_all()
+
+    def _accept_one(self) -> None:
+        try:
+            sock, address = self._listener.accept()
+        except TimeoutError:
+            return
+        except OSError as exc:
+            if self._stop.is_set():
+                return
+            # Out of descriptors (EMFILE/ENFILE) or a connection reset while queued: pause instead
+            # of spinning on a listener that stays readable.
+            log.warning("cannot accept a connection: %s", exc.strerror or exc)
+            time.sleep(0.1)
+            return
+        sock.settimeout(None)  # deadlines are the watchdog's: TLS needs a blocking socket
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection = _Connection(sock, address, time.monotonic() + self.limits.header_timeout)
+        if not self.connections.add(connection):
+            log.debug("refusing %s: all %d connections are busy", address, self.connections.limit)
+            sock.close()
+            return
+        thread = threading.Thread(target=self._serve_connection, args=(connection,), daemon=True)
+        thread.name = f"http-{address}"
+        thread.start()
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(0.25):
+            self.connections.expire(time.monotonic())
+
+    def _serve_connection(self, connection: _Connection) -> None:
+        stream: Stream = connection.sock
+        try:
+            if self.web_config.tls is not None:
+                stream = self.web_config.tls.accept(connection.sock)
+            _Exchange(self, connection, stream).run()
+        except (ConnectionError, TimeoutError, OSError) as exc:
+            log.debug("connection from %s ended: %s", connection.address, exc)
+        except Exception:
+            log.exception("unexpected error on the connection from %s", connection.address)
+        finally:
+            with contextlib.suppress(OSError):
+                stream.close()
+            self.connections.remove(connection)
 
     def respond(self, request: Request) -> Response:
-        if not self.auth.check(request.header("authorization") or None):
+        """Everything between a parsed request and its response: method, rate limit, auth, app."""
+        if request.method not in ("GET", "HEAD"):
+            return METHOD_NOT_ALLOWED
+        if self.rate_limit is not None and not self.rate_limit.allow():
+            return TOO_MANY_REQUESTS
+        if not self.auth.check(request.header("authorization")):
             return UNAUTHORIZED
         try:
             return self.app(request)
@@ -123,46 +361,169 @@ class ExporterHTTPServer(ThreadingHTTPServer):
             return INTERNAL_ERROR
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: ExporterHTTPServer
-    protocol_version = "HTTP/1.1"
-    server_version = f"intune-provisioning-exporter/{exporter.__version__}"
+def _listen(address: tuple[str, int]) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        # A burst of scrapers (or a restart of many Prometheus servers) must not wait for the kernel
+        # to retry dropped SYNs: the default of 5 made 50 simultaneous connects take about a second.
+        listener.listen(1024)
+    except OSError:
+        listener.close()
+        raise
+    return listener
 
-    def setup(self) -> None:
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.settimeout(10)
+
+# --- one connection: read requests, write responses -------------------------------------------
+
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSION = re.compile(r"HTTP/1\.([01])")
+
+
+class _Exchange:
+    """The request/response loop of one connection (HTTP/1.1 with keep-alive, or HTTP/1.0)."""
+
+    def __init__(self, server: ExporterHTTPServer, connection: _Connection, stream: Stream) -> None:
+        self.server = server
+        self.connection = connection
+        self.stream = stream
+        self.limits = server.limits
+        self.buffer = bytearray()
+
+    def run(self) -> None:
+        while True:
             try:
-                self.request.do_handshake()
-            except (ssl.SSLError, OSError) as exc:
-                log.debug("TLS handshake with %s failed: %s", self.client_address, exc)
-                raise
-        super().setup()
+                head = self._read_head()
+                if head is None:
+                    return
+                request, keep_alive = _parse_head(head)
+                self._skip_body(request)
+            except ClientError as exc:
+                self._send(Response(exc.status, f"{exc}\n".encode(), TEXT), head_only=False, keep_alive=False)
+                log.debug("bad request from %s: %s", self.connection.address, exc)
+                return
+            self.connection.waiting_since = None
+            self.connection.deadline = float("inf")  # the app's time is ours, not the client's
+            response = self.server.respond(request)
+            self.connection.deadline = time.monotonic() + self.limits.write_timeout
+            self._send(response, head_only=request.method == "HEAD", keep_alive=keep_alive)
+            if not keep_alive or self.connection.aborted:
+                return
+            self.connection.waiting_since = time.monotonic()
+            self.connection.deadline = time.monotonic() + self.limits.idle_timeout
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+    def _read_head(self) -> bytes | None:
+        """The request line and headers; None when the client closed between requests."""
+        while True:
+            match = _HEAD_END.search(self.buffer)
+            if match:
+                head = bytes(self.buffer[: match.start()])
+                del self.buffer[: match.end()]
+                return head
+            if len(self.buffer) > self.limits.max_header_bytes:
+                raise ClientError(431, "Request Header Fields Too Large")
+            chunk = self.stream.recv(65536)
+            if not chunk:
+                if self.buffer.strip():
+                    raise ConnectionError("client closed the connection in the middle of a request")
+                return None
+            if not self.buffer:
+                # A keep-alive client started its next request: it has the header timeout from now.
+                self.connection.deadline = min(
+                    self.connection.deadline, time.monotonic() + self.limits.header_timeout
+                )
+            self.buffer += chunk
 
-    def do_GET(self) -> None:
-        path, _, query = self.path.partition("?")
-        request = Request(
-            method=self.command,
-            path=path,
-            query=parse_qs(query, keep_blank_values=True),
-            headers={name.lower(): value for name, value in self.headers.items()},
+    def _skip_body(self, request: Request) -> None:
+        """No route takes a body; read a small one so the connection stays usable."""
+        if "transfer-encoding" in request.headers:
+            raise ClientError(501, "Transfer-Encoding is not supported")
+        length_text = request.header("content-length", "0").strip()
+        if not length_text.isdigit():
+            raise ClientError(400, "invalid Content-Length")
+        length = int(length_text)
+        if length > self.limits.max_body_bytes:
+            raise ClientError(413, "Content Too Large")
+        while len(self.buffer) < length:
+            chunk = self.stream.recv(65536)
+            if not chunk:
+                raise ConnectionError("client closed the connection in the middle of a request body")
+            self.buffer += chunk
+        del self.buffer[:length]
+
+    def _send(self, response: Response, head_only: bool, keep_alive: bool) -> None:
+        self.stream.sendall(_encode(response, self.server.web_config.headers, head_only, keep_alive))
+
+
+def _parse_head(head: bytes) -> tuple[Request, bool]:
+    """Parse the request line and headers; the bool says whether the connection stays open."""
+    lines = head.decode("latin-1").lstrip("\r\n").split("\n")
+    parts = lines[0].rstrip("\r").split(" ")
+    if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]):
+        raise ClientError(400, "malformed request line")
+    method, target, version_text = parts
+    version = _VERSION.fullmatch(version_text)
+    if version is None:
+        raise ClientError(
+            505 if version_text.startswith("HTTP/") else 400, "only HTTP/1.0 and HTTP/1.1 are served"
         )
-        self._send(self.server.respond(request))
+    headers: dict[str, str] = {}
+    for raw in lines[1:]:
+        line = raw.rstrip("\r")
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise ClientError(400, "malformed header line")
+        key = name.lower()
+        value = value.strip(" \t")
+        headers[key] = f"{headers[key]}, {value}" if key in headers else value
+    path, query = _split_target(target)
+    connection = {token.strip().lower() for token in headers.get("connection", "").split(",")}
+    keep_alive = "close" not in connection if version.group(1) == "1" else "keep-alive" in connection
+    return Request(method=method, path=path, query=query, headers=headers), keep_alive
 
-    def do_HEAD(self) -> None:
-        self.do_GET()
 
-    def _send(self, response: Response) -> None:
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        for name, value in {**self.server.web_config.headers, **response.headers}.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(response.body)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
+def _split_target(target: str) -> tuple[str, dict[str, list[str]]]:
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+    elif target.startswith(("http://", "https://")):
+        parts = urlsplit(target)
+        path, query = parts.path or "/", parts.query
+    else:
+        raise ClientError(400, "malformed request target")
+    try:
+        return path, parse_qs(query, keep_blank_values=True, max_num_fields=100)
+    except ValueError:
+        raise ClientError(400, "too many query parameters") from None
+
+
+_SERVER = f"intune-provisioning-exporter/{exporter.__version__}"
+
+
+def _encode(response: Response, configured: Mapping[str, str], head_only: bool, keep_alive: bool) -> bytes:
+    """The whole response as one buffer: one write, so no small segment waits for an ACK."""
+    try:
+        reason = HTTPStatus(response.status).phrase
+    except ValueError:
+        reason = ""
+    lines = [
+        f"HTTP/1.1 {response.status} {reason}",
+        f"Date: {formatdate(usegmt=True)}",
+        f"Server: {_SERVER}",
+        f"Content-Type: {response.content_type}",
+        f"Content-Length: {len(response.body)}",
+    ]
+    for name, value in {**configured, **response.headers}.items():
+        if any(char in name or char in value for char in "\r\n"):
+            raise ValueError(f"response header {name!r} spans lines")
+        lines.append(f"{name}: {value}")
+    if not keep_alive:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + response.body
 
 
 def parse_listen_address(value: str) -> tuple[str, int]:
@@ -176,5 +537,6 @@ def parse_listen_address(value: str) -> tuple[str, int]:
 
 def serve_forever_in_thread(server: ExporterHTTPServer) -> threading.Thread:
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+    thread.name = "http-accept"
     thread.start()
     return thread

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future
+from functools import partial
 
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import CollectorRegistry
@@ -29,12 +32,19 @@ TITLE = "intune-provisioning-exporter"
 def build_app(registry: CollectorRegistry, snapshot: Callable[[], Snapshot], user_label: str) -> App:
     """Every path the exporter serves; add a route by adding an entry here."""
 
+    renderings: dict[tuple[str, bool], SharedRendering] = {}
+    renderings_lock = threading.Lock()
+
     def metrics(request: Request) -> Response:
         encoder, content_type = choose_encoder(request.header("accept"))
-        body = encoder(registry)
-        if "gzip" in request.header("accept-encoding"):
-            return Response(200, gzip.compress(body), content_type, {"Content-Encoding": "gzip"})
-        return Response(200, body, content_type)
+        compress = "gzip" in request.header("accept-encoding")
+        with renderings_lock:
+            rendering = renderings.get((content_type, compress))
+            if rendering is None:
+                render = partial(_exposition, encoder, registry, compress)
+                rendering = renderings[(content_type, compress)] = SharedRendering(render)
+        body = rendering.get()
+        return Response(200, body, content_type, {"Content-Encoding": "gzip"} if compress else {})
 
     def landing(request: Request) -> Response:
         return Response(200, landing_page(snapshot(), TITLE).encode(), HTML)
@@ -66,3 +76,41 @@ def build_app(registry: CollectorRegistry, snapshot: Callable[[], Snapshot], use
         return route(request)
 
     return app
+
+
+def _exposition(
+    encoder: Callable[[CollectorRegistry], bytes], registry: CollectorRegistry, compress: bool
+) -> bytes:
+    body = encoder(registry)
+    return gzip.compress(body, compresslevel=6) if compress else body
+
+
+class SharedRendering:
+    """Requests that arrive while a rendering is under way wait for it and share its result.
+
+    Rendering the exposition costs a few milliseconds of CPU under the GIL; twenty scrapers arriving
+    together would otherwise queue for twenty renderings. Each response still reflects the registry
+    as of a moment no earlier than one rendering before its request, and nothing is kept once the
+    rendering is delivered (no stale cache).
+    """
+
+    def __init__(self, render: Callable[[], bytes]) -> None:
+        self._render = render
+        self._lock = threading.Lock()
+        self._current: Future[bytes] | None = None
+
+    def get(self) -> bytes:
+        with self._lock:
+            current = self._current
+            leader = current is None
+            if current is None:
+                current = self._current = Future()
+        if leader:
+            try:
+                current.set_result(self._render())
+            except BaseException as exc:
+                current.set_exception(exc)
+            finally:
+                with self._lock:
+                    self._current = None
+        return current.result()
