@@ -1,63 +1,99 @@
-"""The YAML configuration, validated into typed, immutable objects.
+"""The YAML configuration, validated by pydantic into typed, immutable objects.
+
+Each key is written once: as a field of one of the pydantic dataclasses below, with its type, its
+default, its bounds and its description (the README's reference is written from those). Reading a
+file goes through three layers:
+
+1. :func:`load_config` reads the file (a regular file of UTF-8 text) and parses the YAML, refusing
+   duplicate keys and alias bombs;
+2. :func:`parse_config` expands ``${NAME}`` in every string value from the environment;
+3. pydantic validates the tree. Every section first resolves its ``*_file`` secret twins (read
+   from a regular file, UTF-8, stripped) and its unknown keys (with a "did you mean" hint), then
+   validates its fields, then runs its cross-key checks.
 
 Every problem is collected with its key path (``estates[0].entra.client_id: required``) so that
-``--config.check`` can list all of them at once. Values may reference the environment with
-``${NAME}``; every secret has a ``*_file`` twin. Secret values are wrapped in :class:`Secret`, whose
-``repr``/``str`` never shows the value, and are never copied into a problem message.
+``--config.check`` can list all of them at once. Secret values are wrapped in :class:`Secret`,
+whose ``repr``/``str`` never shows the value, are never copied into a problem message, and any
+that slipped into one through another key is masked.
+
+Objects built in Python (tests, the demo) skip the file rules: durations are plain seconds there,
+and paths and URLs are taken as given. Only values read from a file are bounded and checked.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
+import math
 import os
 import re
+import stat
+import types
+import typing
+import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, NoReturn, Union
 
 import yaml
+from pydantic import (
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    ModelWrapValidatorHandler,
+    SecretStr,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
+from pydantic_core import ArgsKwargs, InitErrorDetails, PydanticCustomError, core_schema
 
 from exporter.durations import format_duration, parse_duration
-from exporter.model import WAITING_STAGES, Stage
+from exporter.odbc import connection_secrets, parse_connection_string
+from exporter.pipelines.definitions import (
+    COMPLIANCE_STATES,
+    DAY,
+    DEFAULT_COMPLIANT_STATES,
+    DEFAULT_DEVICE_STALE_AFTER,
+    DEFAULT_INTUNE_SERVICE_PLANS,
+    DEFAULT_PIPELINE,
+    HOUR,
+    PIPELINES,
+    PipelineName,
+)
+from exporter.secrets import SecretMask
 
 DEFAULT_USER_FILTER = (
     "(&(objectCategory=person)(objectClass=user)(!(userAccountControl:1.2.840.113556.1.4.803:=2)))"
 )
-DEFAULT_STUCK_AFTER: dict[Stage, float] = {
-    "ad_created": 2 * 3600.0,
-    "entra_synced": 3600.0,
-    "cm_discovered": 4 * 3600.0,
-    "in_intune_collection": 3600.0,
-    "connector_synced": 3600.0,
-}
+# The default chain's thresholds, for callers that build an estate in Python (the demo).
+DEFAULT_STUCK_AFTER: dict[str, float] = dict(PIPELINES[DEFAULT_PIPELINE].default_stuck_after)
 UserLabel = Literal["upn", "sam", "hash", "none"]
+
+# Upper bounds of durations read from the file: large enough for any real setting, small enough
+# that no deadline or timestamp computed from them overflows.
+MAX_TIMEOUT = DAY  # a backend call or one refresh
+MAX_INTERVAL = 7 * DAY  # between two refreshes, between two full reads
+MAX_STUCK_AFTER = 365 * DAY  # stuck_after thresholds, device_stale_after
+
+MAX_CONFIG_BYTES = 16 * 2**20
+MAX_SECRET_FILE_BYTES = 2**20
+MAX_TEXT_LENGTH = 65_536
+MAX_YAML_VALUES = 100_000  # after aliases are expanded
+MIN_USER_LABEL_KEY_LENGTH = 16
+
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_ESTATE_NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_ESTATE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_THUMBPRINT = re.compile(r"^[0-9A-Fa-f:]{40,95}$")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
-
-class Secret:
-    """A secret string; it prints as ``<secret>`` so it cannot leak through logs or errors."""
-
-    __slots__ = ("_value",)
-
-    def __init__(self, value: str) -> None:
-        self._value = value
-
-    @property
-    def value(self) -> str:
-        return self._value
-
-    def __repr__(self) -> str:
-        return "Secret(<secret>)"
-
-    __str__ = __repr__
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Secret) and other._value == self._value
-
-    def __hash__(self) -> int:
-        return hash(self._value)
+Loc = tuple[str | int, ...]
+Problem = tuple[Loc, str]
 
 
 class ConfigError(Exception):
@@ -66,533 +102,1003 @@ class ConfigError(Exception):
         self.problems = problems
 
 
-@dataclass(frozen=True)
-class ActiveDirectoryConfig:
-    url: str
-    bind_user: str
-    bind_password: Secret
-    search_bases: tuple[str, ...]
-    start_tls: bool = False
-    authentication: Literal["simple", "ntlm"] = "simple"
-    ca_file: str | None = None
-    tls_verify: bool = True
-    user_filter: str = DEFAULT_USER_FILTER
-    source_anchor: Literal["objectGUID", "mS-DS-ConsistencyGuid"] = "objectGUID"
-    page_size: int = 1000
-    timeout: float = 60.0
-    netbios_domain: str | None = None  # discovered from CN=Partitions when not set
-    tls_server_name: str | None = None  # name to verify the DC certificate against (URL with an IP/alias)
+class Secret(SecretStr):
+    """A secret string; it prints as ``<secret>`` so it cannot leak through logs or errors."""
+
+    @property
+    def value(self) -> str:
+        return self.get_secret_value()
+
+    def _display(self) -> str:
+        return "<secret>"
+
+    def __repr__(self) -> str:
+        return "Secret(<secret>)"
+
+    __str__ = __repr__
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: type[Any], handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.with_info_after_validator_function(
+            _accept_secret, super().__get_pydantic_core_schema__(source, handler)
+        )
 
 
-@dataclass(frozen=True)
-class EntraConfig:
-    tenant_id: str
-    client_id: str
-    client_secret: Secret | None = None
-    certificate_file: str | None = None  # PEM with private key and certificate
-    certificate_thumbprint: str | None = None
-    authority_host: str = "https://login.microsoftonline.com"
-    graph_url: str = "https://graph.microsoft.com"
-    ca_file: str | None = None
-    timeout: float = 60.0
-    max_retry_wait: float = 120.0  # total Retry-After/backoff wait in one refresh before giving up
-    page_size: int = 999
-    licenses: bool = True  # read organization, subscribedSkus and subscriptions
+# ------------------------------------------------------------------------- validation context
+@dataclasses.dataclass
+class _FileContext:
+    """Passed to pydantic while validating a file: where relative paths start, and every secret
+    value seen (to mask them in problem messages)."""
+
+    base_dir: Path
+    secrets: list[str] = dataclasses.field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class ConfigMgrConfig:
-    connection_string: Secret  # may hold PWD=...; never logged (see exporter.sources.configmgr)
-    intune_collection_ids: tuple[str, ...]
-    query_timeout: float = 60.0
-    username: str | None = None  # appended as UID= when set
-    password: Secret | None = None  # appended as PWD= when set
-    fetch_size: int = 5000
+def _file_context(info: ValidationInfo) -> _FileContext | None:
+    return info.context if isinstance(info.context, _FileContext) else None
 
 
-@dataclass(frozen=True)
-class EstateConfig:
-    name: str
-    active_directory: ActiveDirectoryConfig | None = None
-    entra: EntraConfig | None = None
-    configmgr: ConfigMgrConfig | None = None
-    stuck_after: Mapping[Stage, float] = field(default_factory=lambda: dict(DEFAULT_STUCK_AFTER))
+@dataclasses.dataclass(frozen=True)
+class _MissingEnv:
+    """Stands in for a string whose ``${NAME}`` is not set; reported at its key by any validator."""
+
+    names: tuple[str, ...]
+
+    @property
+    def message(self) -> str:
+        noun = "variable" if len(self.names) == 1 else "variables"
+        verb = "is" if len(self.names) == 1 else "are"
+        return f"environment {noun} {', '.join(self.names)} {verb} not set"
 
 
-@dataclass(frozen=True)
-class Config:
-    estates: tuple[EstateConfig, ...]
-    refresh_interval: float = 300.0
-    refresh_timeout: float | None = None  # hard limit of one refresh; default: refresh_interval
-    state_file: str | None = None
-    stuck_users_listed: int = 25
-    user_label: UserLabel = "upn"
+class _Reported:
+    """Stands in for a value whose problem is already reported (a ``*_file`` that cannot be read)."""
+
+
+_REPORTED = _Reported()
+
+
+def _accept_secret(value: Secret, info: ValidationInfo) -> Secret:
+    if not value.value:
+        _fail("must not be empty")
+    context = _file_context(info)
+    if context is not None:
+        context.secrets.append(value.value)
+    return value
+
+
+# ------------------------------------------------------------------------------- problems
+def _fail(message: str) -> NoReturn:
+    raise PydanticCustomError("config", "{message}", {"message": message})
+
+
+def _detail(loc: Loc, message: str) -> InitErrorDetails:
+    return InitErrorDetails(
+        type=PydanticCustomError("config", "{message}", {"message": message}), loc=loc, input=None
+    )
+
+
+def _fail_all(title: str, problems: list[Problem]) -> NoReturn:
+    raise ValidationError.from_exception_data(
+        title, [_detail(loc, message) for loc, message in problems], hide_input=True
+    )
+
+
+def _kind(value: object) -> str:
+    names = {
+        dict: "a mapping",
+        list: "a list",
+        tuple: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+def _shown(value: object, limit: int = 60) -> str:
+    """A short repr for messages (a 5000-digit integer has no repr in Python 3.11)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return _kind(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _hint(key: object, choices: list[str] | tuple[str, ...] | set[str]) -> str:
+    lowered = {choice.lower(): choice for choice in choices}
+    exact = lowered.get(str(key).lower())
+    match = [exact] if exact else difflib.get_close_matches(str(key), sorted(choices), n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _path(loc: Loc) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "top level"
+
+
+# ------------------------------------------------------------------------ field rules (types)
+class _Rule:
+    """Validation of one kind of value read from the file, with messages written for users.
+
+    Used as ``Annotated[type, Rule(...)]`` metadata. Values built in Python (no file context)
+    pass through :meth:`from_python`, which by default takes them as given.
+    """
+
+    json_schema: ClassVar[core_schema.CoreSchema] = core_schema.str_schema()
+
+    def check(self, value: Any, context: _FileContext) -> Any:
+        raise NotImplementedError
+
+    def from_python(self, value: Any) -> Any:
+        return value
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        def validate(value: Any, info: ValidationInfo) -> Any:
+            if isinstance(value, _MissingEnv):
+                _fail(value.message)
+            context = _file_context(info)
+            return self.from_python(value) if context is None else self.check(value, context)
+
+        return core_schema.with_info_plain_validator_function(
+            validate, json_schema_input_schema=self.json_schema
+        )
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        _fail(f"must be a string, got {_kind(value)}")
+    text = value if isinstance(value, str) else _shown(value)
+    if len(text) > MAX_TEXT_LENGTH:
+        _fail(f"is too long ({len(text)} characters, at most {MAX_TEXT_LENGTH})")
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Text(_Rule):
+    """A string (a YAML number is taken as its text)."""
+
+    non_blank: bool = False
+    upper: bool = False
+
+    def check(self, value: Any, context: _FileContext) -> str:
+        text = _text(value)
+        if self.non_blank and not text.strip():
+            _fail("must not be empty")
+        return text.upper() if self.upper else text
+
+
+@dataclasses.dataclass(frozen=True)
+class EstateName(_Rule):
+    def check(self, value: Any, context: _FileContext) -> str:
+        text = _text(value)
+        if not text.strip():
+            _fail("must not be empty")
+        if not _ESTATE_NAME.match(text):
+            _fail("may only contain letters, digits, '_', '.', ':' and '-' (at most 128)")
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag(_Rule):
+    """true/false; the strings true/yes/on/1 and false/no/off/0 too (an expanded ``${VAR}``)."""
+
+    json_schema: ClassVar[core_schema.CoreSchema] = core_schema.bool_schema()
+    _WORDS: ClassVar[dict[str, bool]] = {
+        "true": True,
+        "yes": True,
+        "on": True,
+        "1": True,
+        "false": False,
+        "no": False,
+        "off": False,
+        "0": False,
+    }
+
+    def check(self, value: Any, context: _FileContext) -> bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in self._WORDS:
+            return self._WORDS[value.strip().lower()]
+        _fail(f"must be true or false, got {_shown(value)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Count(_Rule):
+    """A whole number between ``low`` and ``high``."""
+
+    low: int
+    high: int
+
+    def check(self, value: Any, context: _FileContext) -> int:
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]{1,18}", value.strip()):
+            value = int(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(f"must be an integer, got {_shown(value)}")
+        if not self.low <= value <= self.high:
+            _fail(f"must be between {self.low} and {self.high}, got {_shown(value)}")
+        return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Seconds(_Rule):
+    """A Prometheus duration (``30s``, ``5m``, ``2h``, ``1d``) between ``minimum`` and ``maximum``.
+
+    Plain numbers are refused in the file (``timeout: 30``: seconds or minutes?) except ``0``;
+    Python callers pass seconds as a number.
+    """
+
+    minimum: float
+    maximum: float
+
+    def check(self, value: Any, context: _FileContext) -> float:
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            _fail(f"must be a duration like 30s, 5m or 2h, got {_shown(value)}")
+        text = _shown(value) if isinstance(value, int) else value
+        try:
+            seconds = parse_duration(text)
+        except ValueError as exc:
+            _fail(str(exc))
+        if seconds < self.minimum:
+            _fail(f"must be at least {format_duration(self.minimum)}, got {text.strip()}")
+        if seconds > self.maximum:
+            _fail(f"must be at most {format_duration(self.maximum)}, got {text.strip()}")
+        return seconds
+
+    def from_python(self, value: Any) -> float:
+        if isinstance(value, str):
+            try:
+                return parse_duration(value)
+            except ValueError as exc:
+                _fail(str(exc))
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+            _fail(f"must be a finite number of seconds >= 0, got {_shown(value)}")
+        return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Names(_Rule):
+    """A list of non-empty strings (a single string is a list of one), optionally from ``choices``."""
+
+    json_schema: ClassVar[core_schema.CoreSchema] = core_schema.list_schema(core_schema.str_schema())
+    non_empty: bool = False
+    choices: tuple[str, ...] = ()
+    upper: bool = False
+
+    def check(self, value: Any, context: _FileContext) -> tuple[str, ...]:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            _fail(f"must be a list of strings, got {_kind(value)}")
+        items: list[str] = []
+        problems: list[Problem] = []
+        for index, item in enumerate(value):
+            if isinstance(item, _MissingEnv):
+                problems.append(((index,), item.message))
+            elif not isinstance(item, str) or not item.strip() or len(item) > MAX_TEXT_LENGTH:
+                problems.append(((index,), f"must be a non-empty string, got {_shown(item)}"))
+            elif self.choices and item.strip() not in self.choices:
+                got = f"got {item.strip()!r}{_hint(item.strip(), self.choices)}"
+                problems.append(((index,), f"must be one of {', '.join(self.choices)}, {got}"))
+            else:
+                items.append(item.strip().upper() if self.upper else item)
+        if problems:
+            _fail_all("list", problems)
+        if self.non_empty and not items:
+            _fail("must list at least one entry")
+        return tuple(items)
+
+    def from_python(self, value: Any) -> tuple[str, ...]:
+        return tuple(value)
+
+
+def _resolve_file(name: str, context: _FileContext) -> Path:
+    """The path of a file that must exist and be a regular file (never opened here: a FIFO or a
+    device would block or never end)."""
+    path = Path(name)
+    if not path.is_absolute():
+        path = context.base_dir / path
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        _fail(f"file not found: {name}")
+    except ValueError:  # an embedded NUL byte
+        _fail(f"not a valid file name: {_shown(name)}")
+    except OSError as exc:
+        _fail(f"cannot read {name}: {exc.strerror or exc}")
+    if not stat.S_ISREG(mode):
+        _fail(f"not a regular file: {name}")
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class ExistingFile(_Rule):
+    """A regular file; a relative path starts at the config file's directory."""
+
+    def check(self, value: Any, context: _FileContext) -> str:
+        text = _text(value)
+        if not text.strip():
+            _fail("must not be empty")
+        return str(_resolve_file(text, context))
+
+
+@dataclasses.dataclass(frozen=True)
+class LdapUrl(_Rule):
+    def check(self, value: Any, context: _FileContext) -> str:
+        text = _text(value)
+        expected = f"must be ldap://host[:port] or ldaps://host[:port], got {_shown(text)}"
+        parts = _url_parts(text, expected)
+        if parts.scheme.lower() not in ("ldap", "ldaps") or not parts.hostname:
+            _fail(expected)
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpsUrl(_Rule):
+    def check(self, value: Any, context: _FileContext) -> str:
+        text = _text(value)
+        expected = f"must be an https:// URL, got {_shown(text)}"
+        parts = _url_parts(text, expected)
+        if parts.scheme.lower() != "https" or not parts.hostname:
+            _fail(expected)
+        return text.rstrip("/")
+
+
+def _url_parts(text: str, expected: str) -> urllib.parse.SplitResult:
+    try:
+        parts = urllib.parse.urlsplit(text.strip())
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError:
+        _fail(expected)
+    if any(char.isspace() for char in text.strip()):
+        _fail(expected)
+    return parts
+
+
+@dataclasses.dataclass(frozen=True)
+class LdapFilter(_Rule):
+    def check(self, value: Any, context: _FileContext) -> str:
+        text = _text(value)
+        if not text.startswith("(") or text.count("(") != text.count(")"):
+            _fail("is not a valid LDAP filter (unbalanced parentheses)")
+        return text
+
+
+@dataclasses.dataclass(frozen=True)
+class Thumbprint(_Rule):
+    def check(self, value: Any, context: _FileContext) -> str:
+        text = _text(value).strip()
+        if not _THUMBPRINT.match(text):
+            _fail("must be the certificate's SHA-1 thumbprint in hex")
+        return text.replace(":", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class OnlyFor:
+    """Marks a key that only applies to estates of these pipelines."""
+
+    pipelines: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class WhenMissing:
+    """What to tell a user who left out this required key."""
+
+    hint: str
+
+
+Timeout = Annotated[float, Seconds(1.0, MAX_TIMEOUT)]
+StuckAfter = Annotated[float, Seconds(0.0, MAX_STUCK_AFTER)]
+NonBlank = Annotated[str, Text(non_blank=True)]
+OptionalText = Annotated[str, Text()] | None
+OptionalFile = Annotated[str, ExistingFile()] | None
+HttpsUrlText = Annotated[str, HttpsUrl()]
+BoolFlag = Annotated[bool, Flag()]
+
+
+def _read_secret_file(value: Any, context: _FileContext) -> str:
+    if isinstance(value, _MissingEnv):
+        _fail(value.message)
+    if not isinstance(value, str) or not value.strip():
+        _fail(f"must be the name of a file, got {_kind(value)}")
+    path = _resolve_file(value, context)
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_SECRET_FILE_BYTES + 1)
+    except OSError as exc:
+        _fail(f"cannot read {value}: {exc.strerror or exc}")
+    if len(data) > MAX_SECRET_FILE_BYTES:
+        _fail(f"file is larger than {MAX_SECRET_FILE_BYTES // 2**20} MiB: {value}")
+    text = _decode_utf8(data, value).strip()
+    if not text:
+        _fail("file is empty")
+    if _CONTROL_CHARACTERS.search(text):
+        _fail(f"file holds control characters (is it a binary file?): {value}")
+    context.secrets.append(text)
+    return text
+
+
+def _decode_utf8(data: bytes, name: str) -> str:
+    """UTF-8 text (a UTF-8 byte order mark is dropped); a message naming the file otherwise."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            _fail(f"{name} is UTF-16 text; save it as UTF-8")
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        bad = data[exc.start : exc.start + 1].hex()
+        _fail(f"{name} is not UTF-8 text (byte 0x{bad} at line {line}, column {column})")
+
+
+# ---------------------------------------------------------------------------------- sections
+_MODEL_CONFIG = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+
+@dataclass(frozen=True, config=_MODEL_CONFIG)
+class _Section:
+    """Base of every config section: reads a mapping from the file into the dataclass.
+
+    For a mapping from the file it drops ``null`` values (a key left empty takes its default),
+    reports unknown keys with a hint, replaces each ``<secret>_file`` twin by the file's content,
+    runs :meth:`_raw_problems` (checks on which keys are present), validates the fields and then
+    runs :meth:`_problems` (checks across validated keys). Every problem comes out with the
+    section-relative key path and a message for users.
+    """
+
+    def secrets(self) -> list[str]:
+        """Every secret value of this section and the sections it contains."""
+        values: list[str] = []
+        for item in dataclasses.fields(self):
+            _collect_secrets(getattr(self, item.name), values)
+        return list(dict.fromkeys(values))
+
+    @classmethod
+    def _raw_problems(cls, data: dict[str, Any]) -> list[Problem]:
+        return []
+
+    def _problems(self) -> list[Problem]:
+        return []
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _validate_section(
+        cls, data: Any, handler: ModelWrapValidatorHandler[Any], info: ValidationInfo
+    ) -> Any:
+        context = _file_context(info)
+        if context is None or isinstance(data, ArgsKwargs | cls):
+            return handler(data)
+        if isinstance(data, _MissingEnv):
+            _fail(data.message)
+        if not isinstance(data, dict):
+            _fail(f"must be a mapping, got {_kind(data)}")
+        problems: list[Problem] = []
+        clean = _known_keys(cls, data, problems)
+        _resolve_secret_files(cls, clean, context, problems)
+        problems += cls._raw_problems(clean)
+        try:
+            value = handler(clean)
+        except ValidationError as exc:
+            problems += [(tuple(e["loc"]), _message(cls, e)) for e in exc.errors() if _reportable(e)]
+            if not problems:
+                raise
+            _fail_all(cls.__name__, problems)
+        problems += value._problems()
+        if problems:
+            _fail_all(cls.__name__, problems)
+        return value
+
+
+def _collect_secrets(value: object, values: list[str]) -> None:
+    if isinstance(value, Secret):
+        values.append(value.value)
+    elif isinstance(value, _Section):
+        values.extend(value.secrets())
+    elif isinstance(value, tuple):
+        for item in value:
+            _collect_secrets(item, values)
+
+
+def _secret_fields(cls: type[_Section]) -> tuple[str, ...]:
+    return tuple(name for name, info in _fields(cls).items() if _mentions(info.annotation, Secret))
+
+
+def _fields(cls: type[_Section]) -> dict[str, Any]:
+    return dict(cls.__pydantic_fields__)  # type: ignore[attr-defined]
+
+
+def _mentions(annotation: Any, wanted: type) -> bool:
+    if annotation is wanted:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType, Annotated):
+        return any(_mentions(arg, wanted) for arg in typing.get_args(annotation))
+    return False
+
+
+def _marker(cls: type[_Section], name: str, kind: type[Any]) -> Any:
+    return next((m for m in _fields(cls)[name].metadata if isinstance(m, kind)), None)
+
+
+def _known_keys(cls: type[_Section], data: dict[Any, Any], problems: list[Problem]) -> dict[str, Any]:
+    allowed = set(_fields(cls)) | {name + "_file" for name in _secret_fields(cls)}
+    clean: dict[str, Any] = {}
+    for key, value in data.items():
+        if not isinstance(key, str) or key not in allowed:
+            problems.append(
+                ((_shown(key) if not isinstance(key, str) else key,), f"unknown key{_hint(key, allowed)}")
+            )
+        elif value is not None:
+            clean[key] = value
+    return clean
+
+
+def _resolve_secret_files(
+    cls: type[_Section], data: dict[str, Any], context: _FileContext, problems: list[Problem]
+) -> None:
+    for name in _secret_fields(cls):
+        twin = name + "_file"
+        if twin not in data:
+            continue
+        file_name = data.pop(twin)
+        if name in data:
+            problems.append(((name,), f"set either {name} or {twin}, not both"))
+            continue
+        try:
+            data[name] = Secret(_read_secret_file(file_name, context))
+        except PydanticCustomError as exc:
+            problems.append(((twin,), exc.message()))
+            data[name] = _REPORTED
+
+
+def _reportable(error: Any) -> bool:
+    return not isinstance(error.get("input"), _Reported)
+
+
+def _message(cls: type[_Section], error: Any) -> str:
+    """A pydantic error as the message users read (no input value of a secret is ever shown)."""
+    kind, value, loc = error["type"], error.get("input"), tuple(error["loc"])
+    if isinstance(value, _MissingEnv):
+        return value.message
+    if kind == "config":
+        return str(error["ctx"]["message"])
+    field = loc[0] if len(loc) == 1 and isinstance(loc[0], str) and loc[0] in _fields(cls) else None
+    if kind == "missing":
+        when_missing = _marker(cls, field, WhenMissing) if field else None
+        if when_missing is not None:
+            return f"required: {when_missing.hint}"
+        return f"required (or {field}_file)" if field in _secret_fields(cls) else "required"
+    if kind == "literal_error":
+        choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
+        return f"must be one of {', '.join(choices)}, got {_shown(value)}{_hint(value, choices)}"
+    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
+        return "unknown key"
+    if kind in ("dict_type", "dataclass_type", "dataclass_args_type", "model_type", "mapping_type"):
+        return f"must be a mapping, got {_kind(value)}"
+    if kind in ("tuple_type", "list_type", "iterable_type"):
+        return f"must be a list, got {_kind(value)}"
+    if kind in ("string_type", "string_sub_type"):
+        return f"must be a string, got {_kind(value)}"
+    if kind == "invalid_key":
+        return "keys must be strings"
+    return str(error["msg"])
+
+
+# ----------------------------------------------------------------------------------- sources
+@dataclass(frozen=True, config=_MODEL_CONFIG)
+class ActiveDirectoryConfig(_Section):
+    url: Annotated[str, LdapUrl()] = Field(
+        description="Domain controller: ldaps://host[:port], or ldap://host[:port] with start_tls."
+    )
+    bind_user: NonBlank = Field(
+        description="Account to bind as: a UPN or DN for simple binds, DOMAIN\\user for NTLM."
+    )
+    bind_password: Secret = Field(description="Password of bind_user (secret; or bind_password_file).")
+    search_bases: Annotated[tuple[str, ...], Names(non_empty=True)] = Field(
+        description="DNs searched (subtree) for users; a user is an account under one of them."
+    )
+    start_tls: BoolFlag = Field(default=False, description="Upgrade an ldap:// connection with StartTLS.")
+    authentication: Literal["simple", "ntlm"] = Field(default="simple", description="Bind method.")
+    ca_file: OptionalFile = Field(
+        default=None, description="PEM bundle of CAs to trust for the DC certificate; default: system trust."
+    )
+    tls_verify: BoolFlag = Field(
+        default=True, description="Verify the DC certificate (never turn off in production)."
+    )
+    user_filter: Annotated[str, LdapFilter()] = Field(
+        default=DEFAULT_USER_FILTER, description="LDAP filter of the users in scope (default: enabled users)."
+    )
+    source_anchor: Literal["objectGUID", "mS-DS-ConsistencyGuid"] = Field(
+        default="objectGUID", description="Attribute Entra Connect uses as sourceAnchor (immutable id)."
+    )
+    page_size: Annotated[int, Count(1, 100_000)] = Field(
+        default=1000, description="LDAP paged-search page size."
+    )
+    timeout: Timeout = Field(default=60.0, description="Timeout of each LDAP operation (1s to 1d).")
+    netbios_domain: Annotated[str, Text(non_blank=True, upper=True)] | None = Field(
+        default=None, description="NETBIOS domain name (DOMAIN\\user matching); discovered when not set."
+    )
+    tls_server_name: OptionalText = Field(
+        default=None,
+        description="Name to verify the DC certificate against when the URL holds an IP or alias.",
+    )
+
+    def _problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        if self.start_tls and self.url.lower().startswith("ldaps://"):
+            problems.append((("start_tls",), "start_tls needs an ldap:// url (ldaps:// is TLS already)"))
+        if self.authentication == "ntlm" and "\\" not in self.bind_user:
+            problems.append((("bind_user",), "NTLM needs DOMAIN\\user"))
+        return problems
+
+
+@dataclass(frozen=True, config=_MODEL_CONFIG)
+class EntraConfig(_Section):
+    tenant_id: NonBlank = Field(description="Directory (tenant) id or a verified domain of the tenant.")
+    client_id: NonBlank = Field(description="Application (client) id of the app registration.")
+    client_secret: Secret | None = Field(
+        default=None, description="Client secret (secret; or client_secret_file); or use certificate_file."
+    )
+    certificate_file: OptionalFile = Field(
+        default=None, description="PEM file with the app's private key and certificate (instead of a secret)."
+    )
+    certificate_thumbprint: Annotated[str, Thumbprint()] | None = Field(
+        default=None, description="SHA-1 thumbprint (hex) of the certificate; required with certificate_file."
+    )
+    authority_host: HttpsUrlText = Field(
+        default="https://login.microsoftonline.com", description="Token endpoint host (national clouds)."
+    )
+    graph_url: HttpsUrlText = Field(
+        default="https://graph.microsoft.com", description="Microsoft Graph base URL."
+    )
+    ca_file: OptionalFile = Field(
+        default=None, description="Extra CA bundle to trust (tests, TLS-inspecting proxies)."
+    )
+    timeout: Timeout = Field(default=60.0, description="Timeout of each HTTP request (1s to 1d).")
+    max_retry_wait: Annotated[float, Seconds(0.0, MAX_TIMEOUT)] = Field(
+        default=120.0,
+        description="Total Retry-After/backoff wait in one refresh before giving up (0s to 1d).",
+    )
+    page_size: Annotated[int, Count(1, 999)] = Field(default=999, description="Graph $top page size.")
+    licenses: BoolFlag = Field(
+        default=True, description="Read organization, subscribedSkus and subscriptions."
+    )
+    devices: Annotated[bool, Flag()] | None = Field(
+        default=None,
+        description="Read Intune managed devices (needs DeviceManagementManagedDevices.Read.All); "
+        "default: only when the estate's pipeline is cloud.",
+    )
+    group_names: BoolFlag = Field(
+        default=True,
+        description="Read the display names of licence-assigning groups (needs GroupMember.Read.All); "
+        "false shows group ids instead.",
+    )
+
+    @classmethod
+    def _raw_problems(cls, data: dict[str, Any]) -> list[Problem]:
+        has_secret, has_certificate = "client_secret" in data, "certificate_file" in data
+        problems: list[Problem] = []
+        if has_secret and has_certificate:
+            problems.append(((), "set either client_secret or certificate_file, not both"))
+        elif not has_secret and not has_certificate:
+            problems.append((("client_secret",), "required (or client_secret_file, or certificate_file)"))
+        if has_certificate and "certificate_thumbprint" not in data:
+            problems.append((("certificate_thumbprint",), "required"))
+        return problems
+
+
+@dataclass(frozen=True, config=_MODEL_CONFIG)
+class ConfigMgrConfig(_Section):
+    connection_string: Secret = Field(
+        description="ODBC connection string of the site database (secret; or connection_string_file)."
+    )
+    intune_collection_ids: Annotated[tuple[str, ...], Names(non_empty=True, upper=True)] = Field(
+        description="Collection ids whose members the Intune connector syncs (e.g. PS100012)."
+    )
+    query_timeout: Timeout = Field(default=60.0, description="Timeout of each SQL query (1s to 1d).")
+    username: OptionalText = Field(default=None, description="Appended as UID= when set.")
+    password: Secret | None = Field(
+        default=None, description="Appended as PWD= when set (secret; or password_file)."
+    )
+    fetch_size: Annotated[int, Count(1, 1_000_000)] = Field(
+        default=5000, description="Rows fetched per round trip."
+    )
+
+    def secrets(self) -> list[str]:
+        # A password may also sit inside the connection string (PWD={...}): the ODBC parser finds it.
+        embedded = connection_secrets(parse_connection_string(self.connection_string.value), None)
+        return list(dict.fromkeys([*super().secrets(), *embedded]))
+
+    def _problems(self) -> list[Problem]:
+        if not parse_connection_string(self.connection_string.value):
+            return [(("connection_string",), "is not an ODBC connection string (KEY=value;...)")]
+        return []
+
+
+_CLOUD_ONLY = OnlyFor(("cloud",))
+# Which sources a pipeline's chain reads (hybrid_mdm: any one of them is useful on its own).
+_SOURCE_KEYS = ("active_directory", "entra", "configmgr")
+_REQUIRED_SOURCES: dict[str, tuple[str, ...]] = {"cloud": ("active_directory", "entra")}
+
+
+@dataclass(frozen=True, config=_MODEL_CONFIG)
+class EstateConfig(_Section):
+    name: Annotated[str, EstateName()] = Field(description="Value of the estate label.")
+    pipeline: PipelineName = Field(
+        default=DEFAULT_PIPELINE,
+        description="Provisioning chain: hybrid_mdm (AD -> Entra -> ConfigMgr -> Intune connector) or "
+        "cloud (AD -> Entra -> Intune licence -> enrolled device -> compliant device).",
+    )
+    active_directory: ActiveDirectoryConfig | None = Field(default=None, description="The AD source.")
+    entra: EntraConfig | None = Field(default=None, description="The Entra ID (Microsoft Graph) source.")
+    configmgr: ConfigMgrConfig | None = Field(default=None, description="The ConfigMgr site database source.")
+    stuck_after: Mapping[str, StuckAfter] = Field(
+        default_factory=dict,
+        validate_default=True,
+        description="Per waiting stage of the pipeline: time in stage before a user counts as stuck "
+        "(0s to 365d); stages left out keep the pipeline's default.",
+    )
+    intune_service_plans: Annotated[tuple[str, ...], Names(non_empty=True), _CLOUD_ONLY] = Field(
+        default=DEFAULT_INTUNE_SERVICE_PLANS,
+        description="cloud only: servicePlanName values that grant Intune.",
+    )
+    compliant_states: Annotated[
+        tuple[str, ...], Names(non_empty=True, choices=COMPLIANCE_STATES), _CLOUD_ONLY
+    ] = Field(
+        default=DEFAULT_COMPLIANT_STATES,
+        description="cloud only: complianceState values that count as compliant "
+        "(add configManager where ConfigMgr owns compliance).",
+    )
+    device_stale_after: Annotated[float, Seconds(HOUR, MAX_STUCK_AFTER), _CLOUD_ONLY] = Field(
+        default=DEFAULT_DEVICE_STALE_AFTER,
+        description="cloud only: a device whose last sync is older than this does not count (1h to 365d).",
+    )
+
+    @field_validator("stuck_after", mode="wrap")
+    @classmethod
+    def _stuck_after_of_pipeline(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Mapping[str, float]:
+        definition = PIPELINES.get(info.data.get("pipeline", ""))
+        if definition is None or not isinstance(value, dict):
+            return handler(value)  # a bad pipeline or a stuck_after that is no mapping: reported as such
+        stages = definition.waiting_stages
+        unknown = [key for key in value if key not in stages]
+        problems: list[Problem] = [
+            (
+                (str(key),),
+                f"unknown key{_hint(key, stages)}: the waiting stages of pipeline {definition.name} are "
+                + ", ".join(stages),
+            )
+            for key in unknown
+        ]
+        try:
+            given = handler({key: item for key, item in value.items() if key not in unknown})
+        except ValidationError as exc:
+            problems += [(tuple(e["loc"]), _message(cls, e)) for e in exc.errors()]
+        if problems:
+            _fail_all("stuck_after", problems)
+        return {**definition.default_stuck_after, **given}
+
+    @classmethod
+    def _raw_problems(cls, data: dict[str, Any]) -> list[Problem]:
+        pipeline = data.get("pipeline", DEFAULT_PIPELINE)
+        if pipeline not in PIPELINES:
+            return []  # reported by the field
+        problems: list[Problem] = []
+        for key in data:
+            only_for = _marker(cls, key, OnlyFor) if key in _fields(cls) else None
+            if only_for is not None and pipeline not in only_for.pipelines:
+                needed = " or ".join(only_for.pipelines)
+                problems.append(((key,), f"only applies to pipeline: {needed} (this estate's is {pipeline})"))
+        required = _REQUIRED_SOURCES.get(pipeline)
+        if required is not None:
+            problems += [
+                ((key,), f"required for pipeline: {pipeline}") for key in required if key not in data
+            ]
+        elif not any(key in data for key in _SOURCE_KEYS):
+            problems.append(((), "configure at least one of " + ", ".join(_SOURCE_KEYS)))
+        return problems
+
+
+@dataclass(frozen=True, config=_MODEL_CONFIG)
+class Config(_Section):
+    estates: Annotated[tuple[EstateConfig, ...], WhenMissing("list at least one estate")] = Field(
+        description="The estates (one AD forest with its tenant and site each) to watch."
+    )
+    refresh_interval: Annotated[float, Seconds(1.0, MAX_INTERVAL)] = Field(
+        default=300.0, description="Background refresh of every source (1s to 7d)."
+    )
+    refresh_timeout: Annotated[float, Seconds(1.0, MAX_TIMEOUT)] | None = Field(
+        default=None, description="Hard limit of one refresh (1s to 1d); default: refresh_interval."
+    )
+    full_resync_interval: Annotated[float, Seconds(0.0, MAX_INTERVAL)] = Field(
+        default=DAY,
+        description="A source reading incrementally does a full read again after this long "
+        "(0s = every refresh is a full read; at most 7d).",
+    )
+    state_file: Annotated[str, Text(non_blank=True)] | None = Field(
+        default=None, description="Persisted snapshot, first-seen times and incremental state; omit for none."
+    )
+    stuck_users_listed: Annotated[int, Count(0, 10_000)] = Field(
+        default=25, description="Max series of intune_provisioning_stuck_user_info."
+    )
+    user_label: UserLabel = Field(
+        default="upn", description="How a user is named in labels and /stuck: upn, sam, hash or none."
+    )
+    user_label_key: Secret | None = Field(
+        default=None,
+        description="HMAC key of user_label: hash (secret; or user_label_key_file; at least 16 characters); "
+        "when absent the exporter generates one and keeps it in the state file.",
+    )
+
+    @field_validator("estates", mode="before")
+    @classmethod
+    def _estates_are_a_list(cls, value: Any, info: ValidationInfo) -> Any:
+        if _file_context(info) is not None and (not isinstance(value, list) or not value):
+            got = "an empty list" if isinstance(value, list) else _kind(value)
+            _fail(f"must be a non-empty list of estates, got {got}")
+        return value
 
     @property
     def effective_refresh_timeout(self) -> float:
         return self.refresh_timeout or self.refresh_interval
 
-    def secrets(self) -> list[str]:
-        """Every secret value, for the log filter that masks them should one slip into a message."""
-        values: list[str] = []
-        for estate in self.estates:
-            for section in (estate.active_directory, estate.entra, estate.configmgr):
-                if section is None:
-                    continue
-                for item in vars(section).values():
-                    if isinstance(item, Secret) and item.value:
-                        values.append(item.value)
-            if estate.configmgr is not None:
-                # The ODBC parser of the ConfigMgr client (braces, doubled "}"), not a second one here.
-                from exporter.sources.configmgr import connection_secrets, parse_connection_string
-
-                attributes = parse_connection_string(estate.configmgr.connection_string.value)
-                values.extend(connection_secrets(attributes, None))
-        return values
-
-
-# ---------------------------------------------------------------------------------- parsing
-class _Checker:
-    """Reads values out of a YAML tree, recording each problem with its key path."""
-
-    def __init__(self, base_dir: Path, environ: Mapping[str, str]) -> None:
-        self.problems: list[str] = []
-        self.base_dir = base_dir
-        self.environ = environ
-
-    def problem(self, path: str, message: str) -> None:
-        self.problems.append(f"{path}: {message}")
-
-    def mapping(self, node: Any, path: str, allowed: tuple[str, ...]) -> dict[str, Any] | None:
-        if node is None:
-            return None
-        if not isinstance(node, dict):
-            self.problem(path, f"must be a mapping, got {_kind(node)}")
-            return None
-        for key in node:
-            if not isinstance(key, str) or key not in allowed:
-                hint = difflib.get_close_matches(str(key), allowed, n=1)
-                suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-                self.problem(_join(path, str(key)), f"unknown key{suggestion}")
-        return node
-
-    def expand(self, value: str, path: str) -> str | None:
-        missing = [name for name in _ENV_REF.findall(value) if name not in self.environ]
-        if missing:
-            self.problem(path, "environment variable " + ", ".join(missing) + " is not set")
-            return None
-        return _ENV_REF.sub(lambda m: self.environ[m.group(1)], value)
-
-    def string(
-        self, m: dict[str, Any], key: str, path: str, *, required: bool = False, default: str | None = None
-    ) -> str | None:
-        value = m.get(key)
-        if value is None:
-            if required:
-                self.problem(_join(path, key), "required")
-            return default
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            self.problem(_join(path, key), f"must be a string, got {_kind(value)}")
-            return default
-        text = self.expand(str(value), _join(path, key))
-        if text is None:
-            return default
-        if required and not text.strip():
-            self.problem(_join(path, key), "must not be empty")
-            return default
-        return text
-
-    def secret(self, m: dict[str, Any], key: str, path: str, *, required: bool) -> Secret | None:
-        file_key = key + "_file"
-        inline, from_file = m.get(key), m.get(file_key)
-        if inline is not None and from_file is not None:
-            self.problem(_join(path, key), f"set either {key} or {file_key}, not both")
-            return None
-        if from_file is not None:
-            file_name = self.file(m, file_key, path)
-            if file_name is None:
-                return None
-            try:
-                text = Path(file_name).read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                self.problem(_join(path, file_key), f"cannot read file: {exc.strerror}")
-                return None
-            if not text:
-                self.problem(_join(path, file_key), "file is empty")
-                return None
-            return Secret(text)
-        if inline is None:
-            if required:
-                self.problem(_join(path, key), f"required (or {file_key})")
-            return None
-        if not isinstance(inline, str):
-            self.problem(_join(path, key), f"must be a string, got {_kind(inline)}")
-            return None
-        expanded = self.expand(inline, _join(path, key))
-        if expanded is None:
-            return None
-        if not expanded:
-            self.problem(_join(path, key), "must not be empty")
-            return None
-        return Secret(expanded)
-
-    def file(self, m: dict[str, Any], key: str, path: str) -> str | None:
-        name = self.string(m, key, path)
-        if name is None:
-            return None
-        resolved = Path(name) if os.path.isabs(name) else self.base_dir / name
-        if not resolved.is_file():
-            self.problem(_join(path, key), f"file not found: {name}")
-            return None
-        return str(resolved)
-
-    def boolean(self, m: dict[str, Any], key: str, path: str, default: bool) -> bool:
-        value = m.get(key)
-        if value is None:
-            return default
-        if isinstance(value, str):
-            expanded = self.expand(value, _join(path, key))
-            lowered = (expanded or "").strip().lower()
-            if lowered in {"true", "yes", "1"}:
-                return True
-            if lowered in {"false", "no", "0"}:
-                return False
-        if isinstance(value, bool):
-            return value
-        self.problem(_join(path, key), f"must be true or false, got {value!r}")
-        return default
-
-    def integer(self, m: dict[str, Any], key: str, path: str, default: int, low: int, high: int) -> int:
-        value = m.get(key)
-        if value is None:
-            return default
-        if isinstance(value, str):
-            expanded = self.expand(value, _join(path, key))
-            if expanded is not None and expanded.strip().isdigit():
-                value = int(expanded)
-        if isinstance(value, bool) or not isinstance(value, int):
-            self.problem(_join(path, key), f"must be an integer, got {value!r}")
-            return default
-        if not low <= value <= high:
-            self.problem(_join(path, key), f"must be between {low} and {high}, got {value}")
-            return default
-        return value
-
-    def duration(
-        self, m: dict[str, Any], key: str, path: str, default: float | None, minimum: float = 0.0
-    ) -> float | None:
-        value = m.get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, str | int):
-            self.problem(_join(path, key), f"must be a duration like 30s, 5m or 2h, got {value!r}")
-            return default
-        text = self.expand(str(value), _join(path, key))
-        if text is None:
-            return default
-        try:
-            seconds = parse_duration(text)
-        except ValueError as exc:
-            self.problem(_join(path, key), str(exc))
-            return default
-        if seconds < minimum:
-            self.problem(_join(path, key), f"must be at least {format_duration(minimum)}")
-            return default
-        return seconds
-
-    def choice(self, m: dict[str, Any], key: str, path: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.string(m, key, path, default=default)
-        if value is None or value not in choices:
-            self.problem(_join(path, key), f"must be one of {', '.join(choices)}, got {value!r}")
-            return default
-        return value
-
-    def string_list(self, m: dict[str, Any], key: str, path: str, *, required: bool) -> tuple[str, ...]:
-        value = m.get(key)
-        if value is None:
-            if required:
-                self.problem(_join(path, key), "required")
-            return ()
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list):
-            self.problem(_join(path, key), f"must be a list of strings, got {_kind(value)}")
-            return ()
-        items: list[str] = []
-        for index, item in enumerate(value):
-            item_path = f"{_join(path, key)}[{index}]"
-            if not isinstance(item, str) or not item.strip():
-                self.problem(item_path, "must be a non-empty string")
+    @classmethod
+    def _raw_problems(cls, data: dict[str, Any]) -> list[Problem]:
+        # On the raw list, so that a duplicate is reported together with every other problem.
+        estates = data.get("estates")
+        problems: list[Problem] = []
+        seen: set[str] = set()
+        for index, estate in enumerate(estates if isinstance(estates, list) else []):
+            name = estate.get("name") if isinstance(estate, dict) else None
+            if not isinstance(name, str):
                 continue
-            expanded = self.expand(item, item_path)
-            if expanded is not None:
-                items.append(expanded)
-        if required and not items and not any(p.startswith(_join(path, key)) for p in self.problems):
-            self.problem(_join(path, key), "must list at least one entry")
-        return tuple(items)
+            if name in seen:
+                problems.append((("estates", index, "name"), f"duplicate estate name {name!r}"))
+            seen.add(name)
+        return problems
+
+    def _problems(self) -> list[Problem]:
+        problems: list[Problem] = []
+        key = self.user_label_key
+        if key is not None and len(key.value) < MIN_USER_LABEL_KEY_LENGTH:
+            problems.append(
+                (
+                    ("user_label_key",),
+                    f"must be at least {MIN_USER_LABEL_KEY_LENGTH} characters (a random key, e.g. "
+                    "from `openssl rand -hex 32`)",
+                )
+            )
+        return problems
 
 
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _kind(value: object) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
-        type(value), type(value).__name__
-    )
-
-
-_TOP_KEYS = (
-    "refresh_interval",
-    "refresh_timeout",
-    "state_file",
-    "stuck_users_listed",
-    "user_label",
-    "estates",
-)
-_ESTATE_KEYS = ("name", "active_directory", "entra", "configmgr", "stuck_after")
-_AD_KEYS = (
-    "url",
-    "start_tls",
-    "authentication",
-    "bind_user",
-    "bind_password",
-    "bind_password_file",
-    "ca_file",
-    "tls_verify",
-    "search_bases",
-    "user_filter",
-    "source_anchor",
-    "page_size",
-    "timeout",
-    "netbios_domain",
-    "tls_server_name",
-)
-_ENTRA_KEYS = (
-    "tenant_id",
-    "client_id",
-    "client_secret",
-    "client_secret_file",
-    "certificate_file",
-    "certificate_thumbprint",
-    "authority_host",
-    "graph_url",
-    "ca_file",
-    "timeout",
-    "max_retry_wait",
-    "page_size",
-    "licenses",
-)
-_CM_KEYS = (
-    "connection_string",
-    "connection_string_file",
-    "intune_collection_ids",
-    "query_timeout",
-    "username",
-    "password",
-    "password_file",
-    "fetch_size",
-)
+# ------------------------------------------------------------------------------------ loading
+@functools.cache
+def _config_adapter() -> TypeAdapter[Config]:
+    return TypeAdapter(Config)
 
 
 def parse_config(data: Any, base_dir: Path | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Validate a parsed YAML document; raise ConfigError listing every problem."""
-    check = _Checker(base_dir or Path.cwd(), os.environ if environ is None else environ)
-    if data is None:
-        data = {}
-    top = check.mapping(data, "", _TOP_KEYS)
-    if top is None:
-        raise ConfigError(check.problems or ["config: must be a mapping"])
-    refresh_interval = check.duration(top, "refresh_interval", "", 300.0, minimum=1.0) or 300.0
-    refresh_timeout = check.duration(top, "refresh_timeout", "", None, minimum=1.0)
-    state_file = check.string(top, "state_file", "")
-    listed = check.integer(top, "stuck_users_listed", "", 25, 0, 10_000)
-    user_label = check.choice(top, "user_label", "", ("upn", "sam", "hash", "none"), "upn")
-
-    estates: list[EstateConfig] = []
-    raw_estates = top.get("estates")
-    if raw_estates is None:
-        check.problem("estates", "required: list at least one estate")
-    elif not isinstance(raw_estates, list) or not raw_estates:
-        check.problem("estates", "must be a non-empty list of estates")
-    else:
-        names: set[str] = set()
-        for index, raw in enumerate(raw_estates):
-            estate = _parse_estate(check, raw, f"estates[{index}]")
-            if estate is None:
-                continue
-            if estate.name in names:
-                check.problem(f"estates[{index}].name", f"duplicate estate name {estate.name!r}")
-            names.add(estate.name)
-            estates.append(estate)
-
-    if check.problems:
-        raise ConfigError(check.problems)
-    return Config(
-        estates=tuple(estates),
-        refresh_interval=refresh_interval,
-        refresh_timeout=refresh_timeout,
-        state_file=state_file,
-        stuck_users_listed=listed,
-        user_label=user_label,  # type: ignore[arg-type]
-    )
+    context = _FileContext(base_dir or Path.cwd())
+    try:
+        tree = _expand_environment({} if data is None else data, os.environ if environ is None else environ)
+        return _config_adapter().validate_python(tree, context=context)
+    except ValidationError as exc:
+        mask = SecretMask(context.secrets)
+        problems = [f"{_path(tuple(e['loc']))}: {_message(Config, e)}" for e in exc.errors()]
+        raise ConfigError([mask.mask(problem) for problem in problems]) from None
+    except RecursionError:
+        raise ConfigError(["top level: nested too deeply"]) from None
 
 
-def _parse_estate(check: _Checker, raw: Any, path: str) -> EstateConfig | None:
-    m = check.mapping(raw, path, _ESTATE_KEYS)
-    if m is None:
-        if raw is None:
-            check.problem(path, "must be a mapping")
-        return None
-    name = check.string(m, "name", path, required=True)
-    if name is not None and not _ESTATE_NAME.match(name):
-        check.problem(_join(path, "name"), "may only contain letters, digits, '_', '.', ':' and '-'")
-    ad = _parse_ad(check, m.get("active_directory"), _join(path, "active_directory"))
-    entra = _parse_entra(check, m.get("entra"), _join(path, "entra"))
-    cm = _parse_configmgr(check, m.get("configmgr"), _join(path, "configmgr"))
-    if not any(key in m and m[key] is not None for key in ("active_directory", "entra", "configmgr")):
-        check.problem(path, "configure at least one of active_directory, entra, configmgr")
-    stuck_after = dict(DEFAULT_STUCK_AFTER)
-    sa = check.mapping(m.get("stuck_after"), _join(path, "stuck_after"), WAITING_STAGES)
-    if sa is not None:
-        for stage in WAITING_STAGES:
-            value = check.duration(sa, stage, _join(path, "stuck_after"), None, minimum=0.0)
-            if value is not None:
-                stuck_after[stage] = value
-    if name is None:
-        return None
-    return EstateConfig(name=name, active_directory=ad, entra=entra, configmgr=cm, stuck_after=stuck_after)
-
-
-def _parse_ad(check: _Checker, raw: Any, path: str) -> ActiveDirectoryConfig | None:
-    m = check.mapping(raw, path, _AD_KEYS)
-    if m is None:
-        return None
-    before = len(check.problems)
-    url = check.string(m, "url", path, required=True)
-    if url is not None and not re.match(r"^ldaps?://[^/\s]+", url, re.IGNORECASE):
-        check.problem(_join(path, "url"), f"must be ldap://host[:port] or ldaps://host[:port], got {url!r}")
-    start_tls = check.boolean(m, "start_tls", path, False)
-    if url is not None and start_tls and url.lower().startswith("ldaps://"):
-        check.problem(_join(path, "start_tls"), "start_tls needs an ldap:// url (ldaps:// is TLS already)")
-    authentication = check.choice(m, "authentication", path, ("simple", "ntlm"), "simple")
-    bind_user = check.string(m, "bind_user", path, required=True)
-    if bind_user and authentication == "ntlm" and "\\" not in bind_user:
-        check.problem(_join(path, "bind_user"), "NTLM needs DOMAIN\\user")
-    password = check.secret(m, "bind_password", path, required=True)
-    ca_file = check.file(m, "ca_file", path)
-    tls_verify = check.boolean(m, "tls_verify", path, True)
-    search_bases = check.string_list(m, "search_bases", path, required=True)
-    user_filter = check.string(m, "user_filter", path, default=DEFAULT_USER_FILTER) or DEFAULT_USER_FILTER
-    if user_filter.count("(") != user_filter.count(")") or not user_filter.startswith("("):
-        check.problem(_join(path, "user_filter"), "is not a valid LDAP filter (unbalanced parentheses)")
-    anchor = check.choice(m, "source_anchor", path, ("objectGUID", "mS-DS-ConsistencyGuid"), "objectGUID")
-    page_size = check.integer(m, "page_size", path, 1000, 1, 100_000)
-    timeout = check.duration(m, "timeout", path, 60.0, minimum=1.0) or 60.0
-    netbios = check.string(m, "netbios_domain", path)
-    tls_server_name = check.string(m, "tls_server_name", path)
-    if len(check.problems) > before or url is None or bind_user is None or password is None:
-        return None
-    return ActiveDirectoryConfig(
-        url=url,
-        bind_user=bind_user,
-        bind_password=password,
-        search_bases=search_bases,
-        start_tls=start_tls,
-        authentication=authentication,  # type: ignore[arg-type]
-        ca_file=ca_file,
-        tls_verify=tls_verify,
-        user_filter=user_filter,
-        source_anchor=anchor,  # type: ignore[arg-type]
-        page_size=page_size,
-        timeout=timeout,
-        netbios_domain=netbios.upper() if netbios else None,
-        tls_server_name=tls_server_name,
-    )
-
-
-def _parse_entra(check: _Checker, raw: Any, path: str) -> EntraConfig | None:
-    m = check.mapping(raw, path, _ENTRA_KEYS)
-    if m is None:
-        return None
-    before = len(check.problems)
-    tenant = check.string(m, "tenant_id", path, required=True)
-    client = check.string(m, "client_id", path, required=True)
-    has_cert = m.get("certificate_file") is not None
-    secret = check.secret(m, "client_secret", path, required=not has_cert)
-    cert_file = check.file(m, "certificate_file", path)
-    thumbprint = check.string(m, "certificate_thumbprint", path, required=has_cert)
-    if has_cert and (m.get("client_secret") is not None or m.get("client_secret_file") is not None):
-        check.problem(path, "set either client_secret or certificate_file, not both")
-    if thumbprint is not None and not re.fullmatch(r"[0-9A-Fa-f:]{40,95}", thumbprint):
-        check.problem(
-            _join(path, "certificate_thumbprint"), "must be the certificate's SHA-1 thumbprint in hex"
-        )
-    authority = check.string(m, "authority_host", path, default="https://login.microsoftonline.com")
-    graph = check.string(m, "graph_url", path, default="https://graph.microsoft.com")
-    for key, value in (("authority_host", authority), ("graph_url", graph)):
-        if value is not None and not value.lower().startswith("https://"):
-            check.problem(_join(path, key), f"must be an https:// URL, got {value!r}")
-    ca_file = None if m.get("ca_file") is None else check.file(m, "ca_file", path)
-    timeout = check.duration(m, "timeout", path, 60.0, minimum=1.0) or 60.0
-    max_wait = check.duration(m, "max_retry_wait", path, 120.0, minimum=0.0)
-    page_size = check.integer(m, "page_size", path, 999, 1, 999)
-    licenses = check.boolean(m, "licenses", path, True)
-    if len(check.problems) > before or tenant is None or client is None:
-        return None
-    return EntraConfig(
-        tenant_id=tenant,
-        client_id=client,
-        client_secret=secret,
-        certificate_file=cert_file,
-        certificate_thumbprint=thumbprint.replace(":", "") if thumbprint else None,
-        authority_host=(authority or "").rstrip("/"),
-        graph_url=(graph or "").rstrip("/"),
-        ca_file=ca_file,
-        timeout=timeout,
-        max_retry_wait=120.0 if max_wait is None else max_wait,
-        page_size=page_size,
-        licenses=licenses,
-    )
-
-
-def _parse_configmgr(check: _Checker, raw: Any, path: str) -> ConfigMgrConfig | None:
-    m = check.mapping(raw, path, _CM_KEYS)
-    if m is None:
-        return None
-    before = len(check.problems)
-    conn = check.secret(m, "connection_string", path, required=True)
-    if conn is not None and "=" not in conn.value:
-        check.problem(_join(path, "connection_string"), "is not an ODBC connection string (KEY=value;...)")
-    collections = check.string_list(m, "intune_collection_ids", path, required=True)
-    timeout = check.duration(m, "query_timeout", path, 60.0, minimum=1.0) or 60.0
-    username = check.string(m, "username", path)
-    password = check.secret(m, "password", path, required=False)
-    fetch_size = check.integer(m, "fetch_size", path, 5000, 1, 1_000_000)
-    if len(check.problems) > before or conn is None:
-        return None
-    return ConfigMgrConfig(
-        connection_string=conn,
-        intune_collection_ids=tuple(c.strip().upper() for c in collections),
-        query_timeout=timeout,
-        username=username,
-        password=password,
-        fetch_size=fetch_size,
-    )
+def _expand_environment(node: Any, environ: Mapping[str, str]) -> Any:
+    """Every string with ``${NAME}`` expanded; a missing variable leaves a marker reported at its key."""
+    if isinstance(node, str):
+        missing = tuple(dict.fromkeys(name for name in _ENV_REF.findall(node) if name not in environ))
+        if missing:
+            return _MissingEnv(missing)
+        return _ENV_REF.sub(lambda match: environ[match.group(1)], node)
+    if isinstance(node, dict):
+        return {key: _expand_environment(value, environ) for key, value in node.items()}
+    if isinstance(node, list):
+        return [_expand_environment(item, environ) for item in node]
+    return node
 
 
 def load_config(path: str | os.PathLike[str], environ: Mapping[str, str] | None = None) -> Config:
     file = Path(path)
+    data = _read_yaml(file, _read_config_text(file))
+    return parse_config(data, base_dir=file.resolve().parent, environ=environ)
+
+
+def _read_config_text(file: Path) -> str:
+    def problem(message: str) -> ConfigError:
+        return ConfigError([f"--config.file: {message}"])
+
     try:
-        text = file.read_text(encoding="utf-8")
+        mode = os.stat(file).st_mode
+        if not stat.S_ISREG(mode):
+            raise problem(f"not a regular file: {file}")
+        with file.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
-        raise ConfigError([f"--config.file: file not found: {file}"]) from None
+        raise problem(f"file not found: {file}") from None
+    except ValueError:
+        raise problem(f"not a valid file name: {_shown(str(file))}") from None
     except OSError as exc:
-        raise ConfigError([f"--config.file: cannot read {file}: {exc.strerror}"]) from None
+        raise problem(f"cannot read {file}: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise problem(f"{file} is larger than {MAX_CONFIG_BYTES // 2**20} MiB")
     try:
-        data = yaml.safe_load(text)
+        return _decode_utf8(data, str(file))
+    except PydanticCustomError as exc:
+        raise problem(exc.message()) from None
+
+
+def _read_yaml(file: Path, text: str) -> Any:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _check_yaml_tree(root)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([f"--config.file: not valid YAML{where}"]) from None
-    return parse_config(data, base_dir=file.resolve().parent, environ=environ)
+        reason = getattr(exc, "problem", None)
+        raise ConfigError(
+            [f"--config.file: not valid YAML{where}" + (f": {reason}" if reason else "")]
+        ) from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise ConfigError([f"--config.file: not valid YAML: {_shown(str(exc), 120)}"]) from None
+    except RecursionError:
+        raise ConfigError(["--config.file: not valid YAML: nested too deeply"]) from None
+
+
+def _check_yaml_tree(root: yaml.Node) -> None:
+    """Refuse duplicate keys (YAML's last-one-wins hides typos), self-referencing aliases and
+    alias bombs (a few lines that expand into millions of values)."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+
+    def size(node: yaml.Node, path: Loc) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in on_path:
+            raise ConfigError([f"{_path(path)}: a YAML alias refers to a value that contains it"])
+        on_path.add(id(node))
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[tuple[str, str], int] = {}
+            for key_node, value_node in node.value:
+                key = (key_node.tag, str(key_node.value)) if isinstance(key_node, yaml.ScalarNode) else None
+                child_path = (*path, str(key_node.value)) if key else path
+                if key is not None and key_node.tag != "tag:yaml.org,2002:merge":
+                    line = key_node.start_mark.line + 1
+                    if key in first_line:
+                        raise ConfigError(
+                            [f"{_path(child_path)}: duplicate key (at lines {first_line[key]} and {line})"]
+                        )
+                    first_line[key] = line
+                total += size(key_node, path) + size(value_node, child_path)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                total += size(item, (*path, index))
+        on_path.discard(id(node))
+        sizes[id(node)] = total
+        if total > MAX_YAML_VALUES:
+            raise ConfigError(
+                [f"--config.file: more than {MAX_YAML_VALUES} values once YAML aliases are expanded"]
+            )
+        return total
+
+    size(root, ())
