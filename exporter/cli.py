@@ -18,6 +18,7 @@ from exporter.config import Config, ConfigError, load_config
 from exporter.engine import Engine
 from exporter.httpserver import ExporterHTTPServer, parse_listen_address, serve_forever_in_thread
 from exporter.logs import LEVELS, setup_logging
+from exporter.secrets import SecretMask
 from exporter.sources.base import ConfigurationError, Source
 from exporter.state import StateStore
 from exporter.webapp import build_app
@@ -91,10 +92,15 @@ def check_config(path: str) -> int:
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_USAGE
+    mask = SecretMask(config.secrets())
     try:
         sources = build_sources(config)
     except ConfigurationError as exc:
-        print(f"{path}: {exc}", file=sys.stderr)
+        print(f"{path}: {mask.mask(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as exc:  # a client library refusing a value the schema let through: still the config's
+        reason = f"{type(exc).__name__}: {mask.mask(str(exc))}"
+        print(f"{path}: cannot build the clients: {reason}", file=sys.stderr)
         return EXIT_USAGE
     for estate_sources in sources.values():
         for source in estate_sources:
@@ -105,8 +111,13 @@ def check_config(path: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.demo_time_scale <= 0:
-        print("--demo.time-scale: must be greater than 0", file=sys.stderr)
+    max_time_scale = 1e6  # a simulated day in 0.09 s; beyond that timestamps leave any sane range
+    if not 0 < args.demo_time_scale <= max_time_scale:  # NaN fails every comparison
+        print(
+            f"--demo.time-scale: must be a number greater than 0 and at most {max_time_scale:g}, "
+            f"got {args.demo_time_scale:g}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
 
     if args.config_check:

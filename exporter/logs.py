@@ -1,46 +1,48 @@
-"""Logging in logfmt or JSON, with every configured secret masked as a last line of defence."""
+"""Logging in logfmt or JSON, with every configured secret masked as a last line of defence.
+
+Sources keep secrets out of their messages themselves (exporter.secrets.SecretMask); the handler
+here masks every rendered line again (message, arguments and traceback), so a secret that slipped
+through, in a library's exception text for instance, still never reaches the log. Uncaught
+exceptions of the main thread and of worker threads go through the same handler instead of
+being printed raw to stderr.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Iterable
+from types import TracebackType
+
+from exporter.secrets import SecretMask
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "error": logging.ERROR}
-MASK = "<secret>"
+log = logging.getLogger("exporter")
 
 
 class SecretMaskFilter(logging.Filter):
-    """Replaces any known secret value in a rendered message before it is written anywhere."""
+    """Renders a record's message and traceback now and replaces every secret in them."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, mask: SecretMask) -> None:
         super().__init__()
-        self.secrets: list[str] = []
-        self.add(secrets)
-
-    def add(self, secrets: Iterable[str]) -> None:
-        # Longest first so a secret containing another is masked whole. Very short values would
-        # mask ordinary words; config validation makes real secrets far longer than this.
-        merged = set(self.secrets) | {s for s in secrets if len(s) >= 4}
-        self.secrets = sorted(merged, key=len, reverse=True)
-
-    def mask(self, text: str) -> str:
-        for secret in self.secrets:
-            if secret in text:
-                text = text.replace(secret, MASK)
-        return text
+        self.mask = mask
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        masked = self.mask(message)
+        try:
+            message = record.getMessage()
+        except Exception:  # wrong arguments for the format: log what we have rather than raise
+            message = f"{record.msg!s} (unformattable arguments {record.args!r})"
+        record.msg, record.args = self.mask.mask(message), None
         if record.exc_info and record.exc_info[1] is not None:
-            # Render the traceback now so it can be masked too.
-            record.exc_text = self.mask(logging.Formatter().formatException(record.exc_info))
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
             record.exc_info = None
-        if masked != message or record.args:
-            record.msg, record.args = masked, None
+        if record.exc_text:
+            record.exc_text = self.mask.mask(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.mask.mask(record.stack_info)
         return True
 
 
@@ -61,6 +63,8 @@ def _fields(record: logging.LogRecord) -> dict[str, str]:
     }
     if record.exc_text:
         fields["err"] = record.exc_text
+    if record.stack_info:
+        fields["stack"] = record.stack_info
     return fields
 
 
@@ -73,7 +77,8 @@ class LogfmtFormatter(logging.Formatter):
 def _logfmt_value(value: str) -> str:
     if value and not any(c in value for c in ' ="\n\t\\'):
         return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\t", "\\t")
+    return '"' + escaped + '"'
 
 
 class JsonFormatter(logging.Formatter):
@@ -81,11 +86,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(_fields(record), ensure_ascii=False)
 
 
-def setup_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> SecretMaskFilter:
+def setup_logging(level: str, fmt: str, secrets: Iterable[str] | SecretMask = ()) -> SecretMask:
+    """Send every log record to stderr in ``fmt`` with ``secrets`` masked; returns the mask in use
+    (add a secret that becomes known later with ``mask.add([...])``)."""
+    mask = secrets if isinstance(secrets, SecretMask) else SecretMask(secrets)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
-    mask = SecretMaskFilter(secrets)
-    handler.addFilter(mask)
+    handler.addFilter(SecretMaskFilter(mask))
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)
@@ -94,4 +101,23 @@ def setup_logging(level: str, fmt: str, secrets: Iterable[str] = ()) -> SecretMa
     # Library chatter (msal, urllib3, ldap3) stays at warning unless debugging.
     for noisy in ("msal", "urllib3", "ldap3"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    sys.excepthook = _log_uncaught
+    threading.excepthook = _log_uncaught_in_thread
     return mask
+
+
+def _log_uncaught(
+    kind: type[BaseException], error: BaseException, trace: TracebackType | None, where: str = "main thread"
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, error, trace)
+        return
+    log.error("uncaught %s in the %s", kind.__name__, where, exc_info=(kind, error, trace))
+
+
+def _log_uncaught_in_thread(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "unknown"
+    error = args.exc_value if args.exc_value is not None else args.exc_type()
+    _log_uncaught(args.exc_type, error, args.exc_traceback, f"thread {name!r}")
