@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from exporter.engine import Snapshot
+from exporter.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 SnapshotSource = Callable[[], Snapshot]
@@ -67,17 +67,19 @@ class ExporterCollector(Collector):
         yield success
 
 
-def default_collectors(user_label: str, stuck_users_listed: int) -> list[SnapshotCollector]:
+def default_collectors(stuck_users_listed: int) -> list[SnapshotCollector]:
     from collectors.configmgr import ConfigMgrCollector
+    from collectors.devices import DeviceCollector
     from collectors.entra import EntraCollector
     from collectors.exporter_health import ExporterHealthCollector
     from collectors.licenses import LicenseCollector
     from collectors.provisioning import ProvisioningCollector
 
     return [
-        ProvisioningCollector(user_label=user_label, stuck_users_listed=stuck_users_listed),
+        ProvisioningCollector(stuck_users_listed=stuck_users_listed),
         ConfigMgrCollector(),
         EntraCollector(),
         LicenseCollector(),
+        DeviceCollector(),
         ExporterHealthCollector(),
     ]

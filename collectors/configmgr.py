@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from exporter.engine import Snapshot
+from exporter.snapshot import Snapshot
 
 _FRESHNESS = " Values come from the exporter's background refresh of the site database."
 
@@ -29,20 +30,19 @@ class ConfigMgrCollector:
             labels=["estate", "site_code", "component"],
         )
         for estate in snapshot.estates:
-            summary = estate.configmgr_summary
-            if summary is not None:
-                for member in (True, False):
-                    missing.add_metric(
-                        [estate.name, "true" if member else "false"],
-                        summary.missing_cloud_user_id.get(member, 0),
-                    )
-            if estate.configmgr is not None:
-                # Several site systems may report one component; the worst status speaks for it.
-                worst: dict[tuple[str, str], int] = {}
-                for comp in estate.configmgr.components:
-                    key = (comp.site_code, comp.component_name)
-                    worst[key] = max(worst.get(key, 0), comp.status)
-                for (site, component), status in sorted(worst.items()):
-                    components.add_metric([estate.name, site, component], status)
+            cm = estate.configmgr
+            if cm is None:
+                continue
+            without = ~cm.array("has_cloud")
+            member = cm.in_collection()
+            missing.add_metric([estate.name, "true"], int(np.count_nonzero(without & member)))
+            missing.add_metric([estate.name, "false"], int(np.count_nonzero(without & ~member)))
+            # Several site systems may report one component; the worst status speaks for it.
+            worst: dict[tuple[str, str], int] = {}
+            for comp in cm.components:
+                key = (comp.site_code, comp.component_name)
+                worst[key] = max(worst.get(key, 0), comp.status)
+            for (site, component), status in sorted(worst.items()):
+                components.add_metric([estate.name, site, component], status)
         yield missing
         yield components

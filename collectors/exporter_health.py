@@ -8,8 +8,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 import exporter
-from exporter.engine import Snapshot
 from exporter.model import ERROR_REASONS, HttpStats
+from exporter.snapshot import Snapshot
 
 
 class ExporterHealthCollector:
@@ -56,7 +56,13 @@ class ExporterHealthCollector:
                     records.add_metric(labels, status.records)
                 for reason in ERROR_REASONS:
                     errors.add_metric([*labels, reason], status.errors.get(reason, 0))
-        yield from (up, last_success, duration, records, errors)
+        state_failures = CounterMetricFamily(
+            "intune_exporter_state_write_failures",
+            "Failed writes of the state file (the previous complete state stays on disk).",
+            labels=[],
+        )
+        state_failures.add_metric([], snapshot.state_write_failures)
+        yield from (up, last_success, duration, records, errors, state_failures)
         yield from _graph_metrics(snapshot)
         info = GaugeMetricFamily(
             "intune_exporter_build_info",
@@ -88,6 +94,17 @@ def _graph_metrics(snapshot: Snapshot) -> Iterator[Metric]:
         "Token requests sent to the identity platform (msal serves cached tokens without one).",
         labels=["estate"],
     )
+    limit = GaugeMetricFamily(
+        "intune_exporter_graph_throttle_limit_ratio",
+        "The latest x-ms-throttle-limit-percentage Graph sent for this endpoint, as a ratio (1 = at the "
+        "throttling limit).",
+        labels=["estate", "endpoint"],
+    )
+    units = CounterMetricFamily(
+        "intune_exporter_graph_resource_units",
+        "Graph resource units consumed, from the x-ms-resource-unit header of each answer.",
+        labels=["estate", "endpoint"],
+    )
     for estate in snapshot.estates:
         stats = _latest_stats([s.http_stats for s in estate.sources.values() if s.http_stats is not None])
         if stats is None:
@@ -97,7 +114,11 @@ def _graph_metrics(snapshot: Snapshot) -> Iterator[Metric]:
         throttled.add_metric([estate.name], stats.throttled)
         waited.add_metric([estate.name], stats.retry_wait_seconds)
         tokens.add_metric([estate.name], stats.token_requests)
-    yield from (requests, throttled, waited, tokens)
+        for endpoint, percent in sorted(stats.throttle_limit_percentage.items()):
+            limit.add_metric([estate.name, endpoint], percent / 100.0)
+        for endpoint, spent in sorted(stats.resource_units.items()):
+            units.add_metric([estate.name, endpoint], spent)
+    yield from (requests, throttled, waited, tokens, limit, units)
 
 
 def _latest_stats(candidates: list[HttpStats]) -> HttpStats | None:

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
-from exporter.engine import Snapshot
+from exporter.pipelines.cloud import licence_errors
 from exporter.products import product_name
+from exporter.snapshot import Snapshot
 
 _FRESHNESS = " Values come from the exporter's background refresh of Microsoft Graph."
 
@@ -41,8 +42,23 @@ class LicenseCollector:
             "without one are not exported." + _FRESHNESS,
             labels=["estate", "sku", "subscription_id", "status", "trial"],
         )
+        errors = GaugeMetricFamily(
+            "intune_license_assignment_error_users",
+            "Entra users (every user Graph returned) whose licence assignment state for this SKU carries "
+            "this error, by assigning group (display name, or direct)." + _FRESHNESS,
+            labels=["estate", "sku", "error", "assigned_by"],
+        )
         for estate in snapshot.estates:
             org = estate.organization
+            if estate.entra is not None:
+                names = estate.entra.group_names
+                counted: dict[tuple[str, str, str], int] = {}
+                for (sku_id, error, group), count in licence_errors(estate.entra).items():
+                    part = org.sku_part_number(sku_id) if org is not None else sku_id
+                    by = "direct" if group is None else names.get(group, group)
+                    counted[(part, error, by)] = counted.get((part, error, by), 0) + count
+                for (part, error, by), count in sorted(counted.items()):
+                    errors.add_metric([estate.name, part, error, by], count)
             if org is None:
                 continue
             for sku in org.skus:
@@ -66,4 +82,4 @@ class LicenseCollector:
                     ],
                     sub.next_lifecycle,
                 )
-        yield from (prepaid, consumed, expiry)
+        yield from (prepaid, consumed, expiry, errors)

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client.registry import CollectorRegistry
 
 import exporter
@@ -164,9 +165,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         **({"clock": clock} if clock else {}),
     )
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(
-        ExporterCollector(engine.snapshot, default_collectors(config.user_label, config.stuck_users_listed))
-    )
+    registry.register(ExporterCollector(engine.snapshot, default_collectors(config.stuck_users_listed)))
+    # The exporter's own memory, CPU and garbage collection (a 500k-user estate must show its RSS).
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
     app = build_app(registry, engine.snapshot, config.user_label)
     try:
         server = ExporterHTTPServer(address, app, web_config)
@@ -183,8 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
-    engine.start()
+    # Serve first: /-/healthy answers at once and /-/ready says 503 while a large state file is read.
     serve_forever_in_thread(server)
+    engine.start()
     scheme = server.scheme
     log.info(
         "intune-provisioning-exporter %s listening on %s://%s:%d (%d estate(s))",

@@ -18,28 +18,33 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from exporter.config import DEFAULT_STUCK_AFTER, Config, EstateConfig
+import numpy as np
+
+from exporter.columns import guid_keys
+from exporter.config import Config, EstateConfig
 from exporter.ids import immutable_id
 from exporter.model import (
-    AdData,
+    AdTable,
     AdUser,
     AssignedLicense,
     CmComponent,
+    CmTable,
     CmUser,
-    ConfigMgrData,
-    EntraData,
+    EntraTable,
     EntraUser,
     HttpStats,
     OrganizationData,
     ServicePlan,
     SourceData,
     SourceKind,
-    Stage,
     SubscribedSku,
     Subscription,
 )
+from exporter.pipelines.definitions import HYBRID_MDM
+from exporter.pipelines.evaluation import FirstSeen
 from exporter.sources.base import Source, SourceError
-from exporter.stages import FirstSeen, guid_key
+
+COLLECTION_ID = "PS100012"
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -235,31 +240,39 @@ class DemoEstate:
             )
         )
 
-    def first_seen_history(self) -> dict[str, FirstSeen]:
+    def first_seen_history(self) -> FirstSeen:
         """First-seen times as an exporter that had watched this estate all along would have them.
 
         Stages 4 and 5 carry no timestamp of their own in any backend; without this, a fresh demo
         could not show anyone stuck there until the thresholds had passed in real time.
         """
         now = self.clock()
-        history: dict[str, FirstSeen] = {}
+        guids: list[bytes] = []
+        stages: list[int] = []
+        since: list[float] = []
         for u in self._existing(now):
             if u.left_at <= now or u.cm_at > now or u.collection_at > now:
                 continue
             if u.connector_at > now:
-                history[guid_key(u.guid)] = FirstSeen("in_intune_collection", u.collection_at)
+                stage, when = "in_intune_collection", u.collection_at
             else:
-                stage: Stage = "connector_synced" if u.fate == "wrong_cloud_id" else "intune_enabled"
-                history[guid_key(u.guid)] = FirstSeen(stage, u.connector_at)
-        return history
+                stage = "connector_synced" if u.fate == "wrong_cloud_id" else "intune_enabled"
+                when = u.connector_at
+            guids.append(u.guid)
+            stages.append(HYBRID_MDM.stages.index(stage))
+            since.append(when)
+        keys = guid_keys(np.frombuffer(b"".join(guids), dtype="V16")) if guids else np.zeros(0, np.uint64)
+        return FirstSeen.from_rows(
+            HYBRID_MDM.name, keys, np.asarray(stages, dtype=np.int8), np.asarray(since, dtype=np.float64)
+        )
 
     def _existing(self, now: float) -> list[SimUser]:
         return [u for u in self.users if u.created <= now]
 
     # ------------------------------------------------------------------ backend views
-    def read_ad(self) -> AdData:
+    def read_ad(self) -> AdTable:
         now = self.clock()
-        users = tuple(
+        users = (
             AdUser(
                 object_guid=u.guid,
                 object_sid=u.sid,
@@ -267,13 +280,13 @@ class DemoEstate:
                 user_principal_name=u.upn,
                 source_anchor=u.guid,
                 when_created=u.created,
-                user_account_control=512,
-                distinguished_name=f"CN={u.sam},OU=Staff,DC={self.domain.replace('.', ',DC=')}",
             )
             for u in self._existing(now)
             if u.left_at > now  # leavers are disabled: the default user_filter leaves them out
         )
-        return AdData(users=users, netbios_domain=self.netbios)
+        table = AdTable.from_records(users, self.netbios)
+        table.meta["read"] = "full"
+        return table.prepare()
 
     def _count_graph(self, endpoint: str, pages: int) -> None:
         # What the real client would have counted: paged reads, an occasional 429 with a short
@@ -292,7 +305,7 @@ class DemoEstate:
                 stats.requests[("token", "200")] = stats.requests.get(("token", "200"), 0) + 1
             self._token_hour = hour
 
-    def read_entra(self) -> EntraData:
+    def read_entra(self) -> EntraTable:
         now = self.clock()
         synced = []
         for u in self._existing(now):
@@ -309,7 +322,6 @@ class DemoEstate:
                     on_premises_sync_enabled=True,
                     on_premises_immutable_id=immutable_id(u.guid) if u.immutable_id_synced else None,
                     on_premises_security_identifier=u.sid,
-                    on_premises_sam_account_name=u.sam,
                     created=u.entra_at
                     if u.index % 40
                     else None,  # some pre-2018 users have no createdDateTime
@@ -318,11 +330,25 @@ class DemoEstate:
                     assigned_licenses=tuple(licenses) if enabled else (),
                 )
             )
-        records = len(synced) + self.cloud_only
+        cloud_only = [
+            EntraUser(
+                id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"{self.name}/cloud-only/{i}")),
+                user_principal_name=f"cloud.admin{i}@{self.domain.split('.')[0]}.onmicrosoft.com",
+                on_premises_sync_enabled=False,
+                on_premises_immutable_id=None,
+                on_premises_security_identifier=None,
+                created=self.start - HISTORY,
+                account_enabled=True,
+            )
+            for i in range(self.cloud_only)
+        ]
+        records = len(synced) + len(cloud_only)
         self._count_graph("users", records // 999 + 1)
-        return EntraData(users=tuple(synced), records=records)
+        table = EntraTable.from_records([*synced, *cloud_only])
+        table.meta["read"] = "full"
+        return table.prepare()
 
-    def read_configmgr(self) -> ConfigMgrData:
+    def read_configmgr(self) -> CmTable:
         now = self.clock()
         self.configmgr_reads += 1
         if self.flaky_configmgr and self.configmgr_reads % 6 == 0:
@@ -340,13 +366,11 @@ class DemoEstate:
                     resource_id=2063597568 + u.index,
                     unique_user_name=f"{self.netbios}\\{u.sam}",
                     user_principal_name=u.upn,
-                    full_user_name=u.sam,
                     sid=u.sid if u.cm_key == "sid" else None,
                     object_guid=u.guid if u.cm_key in ("sid", "guid") else None,
-                    user_account_control=512 if u.left_at > now else 514,
                     creation_date=u.cm_at,
                     cloud_user_id=cloud_id,
-                    in_intune_collection=in_collection and u.left_at > now,
+                    collections=(COLLECTION_ID,) if in_collection and u.left_at > now else (),
                 )
             )
         components = tuple(
@@ -358,7 +382,9 @@ class DemoEstate:
             )
             for name in CONNECTOR_COMPONENTS
         )
-        return ConfigMgrData(users=tuple(records), components=components)
+        table = CmTable.from_records(records, components, collection_ids=(COLLECTION_ID,))
+        table.meta["read"] = "full"
+        return table.prepare()
 
     def read_organization(self) -> OrganizationData:
         now = self.clock()
@@ -369,14 +395,10 @@ class DemoEstate:
         ems_users = sum(1 for u in active if u.licensed_intune)
         size = len(active)
         skus = (
-            SubscribedSku(
-                E3_SKU, "ENTERPRISEPACK", "Enabled", "User", size, round(size * 1.08) + 20, 0, 0, 0
-            ),
+            SubscribedSku(E3_SKU, "ENTERPRISEPACK", size, round(size * 1.08) + 20, 0, 0, 0),
             SubscribedSku(
                 EMS_SKU,
                 "EMS",
-                "Enabled",
-                "User",
                 ems_users,
                 round(ems_users * 1.03) + 5,
                 50,
@@ -384,16 +406,12 @@ class DemoEstate:
                 0,
                 (INTUNE_PLAN,),
             ),
-            SubscribedSku(INTUNE_SKU, "INTUNE_A", "Enabled", "User", 12, 25, 0, 10, 0, (INTUNE_PLAN,)),
+            SubscribedSku(INTUNE_SKU, "INTUNE_A", 12, 25, 0, 10, 0, (INTUNE_PLAN,)),
             # More assigned than purchased: reported as is, never clamped.
-            SubscribedSku(
-                "06ebc4ee-1bb5-47dd-8120-11324bc54e06", "SPE_E5", "Warning", "User", 53, 50, 10, 0, 0
-            ),
+            SubscribedSku("06ebc4ee-1bb5-47dd-8120-11324bc54e06", "SPE_E5", 53, 50, 10, 0, 0),
             SubscribedSku(
                 "3f4babde-90ec-47c6-995d-d223749065d1",
                 "CONTOSO_LEGACY_ADDON",
-                "Enabled",
-                "User",
                 3,
                 10,
                 0,
@@ -409,7 +427,6 @@ class DemoEstate:
                 "Enabled",
                 False,
                 skus[0].prepaid_enabled,
-                now - 200 * DAY,
                 now + 165 * DAY,
             ),
             Subscription(
@@ -419,7 +436,6 @@ class DemoEstate:
                 "Enabled",
                 False,
                 skus[1].prepaid_enabled,
-                now - 300 * DAY,
                 now + 65 * DAY,
             ),
             Subscription(
@@ -429,7 +445,6 @@ class DemoEstate:
                 "Enabled",
                 True,
                 25,
-                now - 20 * DAY,
                 now + 10 * DAY,
             ),
             Subscription(
@@ -439,7 +454,6 @@ class DemoEstate:
                 "Warning",
                 False,
                 50,
-                now - 400 * DAY,
                 now + 25 * DAY,
             ),
             Subscription(
@@ -449,7 +463,6 @@ class DemoEstate:
                 "Enabled",
                 False,
                 10,
-                now - 900 * DAY,
                 None,
             ),
         )
@@ -466,7 +479,7 @@ class DemoSource:
     def describe(self) -> str:
         return f"demo {self.kind} of {self.estate.domain}"
 
-    def refresh(self, previous: SourceData | None) -> SourceData:
+    def refresh(self, previous: SourceData | None, deadline: float | None = None) -> SourceData:
         readers: dict[str, Callable[[], SourceData]] = {
             "ad": self.estate.read_ad,
             "entra": self.estate.read_entra,
@@ -496,7 +509,7 @@ def scaled_clock(time_scale: float) -> Callable[[], float]:
 
 def demo_setup(
     time_scale: float = 1.0, refresh_interval: float = 15.0
-) -> tuple[Config, dict[str, list[Source]], Callable[[], float], dict[str, dict[str, FirstSeen]]]:
+) -> tuple[Config, dict[str, list[Source]], Callable[[], float], dict[str, FirstSeen]]:
     clock = scaled_clock(time_scale)
     estates = [
         DemoEstate("contoso", "contoso.com", "CONTOSO", 3000, clock, seed=1),
@@ -505,7 +518,9 @@ def demo_setup(
         ),
     ]
     config = Config(
-        estates=tuple(EstateConfig(name=e.name, stuck_after=dict(DEFAULT_STUCK_AFTER)) for e in estates),
+        estates=tuple(
+            EstateConfig(name=e.name, stuck_after=dict(HYBRID_MDM.default_stuck_after)) for e in estates
+        ),
         refresh_interval=refresh_interval,
         stuck_users_listed=25,
         user_label="upn",

@@ -1,9 +1,16 @@
-"""The refresh engine: background reads of every source, one immutable snapshot for scrapes.
+"""The refresh engine: background reads of every source, evaluation off the serving path, one snapshot.
 
 A full read of a large tenant takes minutes, far longer than a scrape may wait, so every source of
-every estate is read by its own background thread every ``refresh_interval``. Each finished refresh
-(good or bad) produces a new immutable :class:`Snapshot`; a scrape only takes the current one and
-never waits on a backend. A failed refresh marks only that source down and keeps its last good data.
+every estate is read by its own background thread every ``refresh_interval``. A finished refresh
+(good or bad) updates the source's status at once; when it brought new data, the estate is marked
+for evaluation, which one evaluator thread runs outside the engine's lock (a 500,000-user join takes
+a noticeable fraction of a second: scrapes and other sources never wait for it). Each step
+publishes a new immutable :class:`~exporter.snapshot.Snapshot`; a scrape only takes the current one.
+
+A failed refresh marks only that source down and keeps its last good data. A refresh that outlives
+``refresh_timeout`` is aborted (the source closes its connections), so a trickling backend cannot
+keep its source down after it recovers. The state file is written by one persister thread, at most
+once per refresh interval (at once when a source delivered its first data), and only what changed.
 """
 
 from __future__ import annotations
@@ -12,106 +19,84 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from dataclasses import replace
+from typing import Any
 
 from exporter.config import Config, EstateConfig
-from exporter.model import (
-    ERROR_REASONS,
-    AdData,
-    ConfigMgrData,
-    EntraData,
-    ErrorReason,
-    HttpStats,
-    OrganizationData,
-    SourceData,
-    SourceKind,
-    Stage,
-)
-from exporter.sources.base import HttpStatsProvider, Source, SourceError
-from exporter.stages import (
-    ConfigMgrSummary,
-    EntraSummary,
+from exporter.labels import UserLabeler, new_label_key
+from exporter.model import SOURCE_REGISTRY, SourceData, SourceKind
+from exporter.pipelines import implementation
+from exporter.pipelines.definitions import PIPELINES
+from exporter.pipelines.evaluation import (
+    EstateData,
+    Evaluation,
     FirstSeen,
-    ProvisioningView,
+    PipelineSettings,
     evaluate,
-    summarise_configmgr,
-    summarise_entra,
 )
-from exporter.state import PersistedEstate, PersistedSource, StateStore
+from exporter.snapshot import EstateSnapshot, Snapshot, SourceStatus
+from exporter.sources.base import Source, SourceError, abort_source, http_stats_of
+from exporter.state import EstateState, SavedState, SourceState, StateStore
+from exporter.tables import Table
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]
-_T = TypeVar("_T")
+_ABORT_GRACE = 2.0  # seconds a refresh gets to wind down after it was aborted
 
 
-@dataclass(frozen=True)
-class SourceStatus:
-    kind: SourceKind
-    description: str
-    up: bool = False
-    refreshed: bool = False  # completed a refresh in this process, or restored from the state file
-    last_success: float | None = None
-    last_attempt: float | None = None
-    duration: float | None = None
-    records: int | None = None
-    errors: Mapping[ErrorReason, int] = field(default_factory=lambda: dict.fromkeys(ERROR_REASONS, 0))
-    last_error: str | None = None
-    http_stats: HttpStats | None = None
-
-
-@dataclass(frozen=True)
-class EstateSnapshot:
-    name: str
-    stuck_after: Mapping[Stage, float]
-    sources: Mapping[SourceKind, SourceStatus]  # configured sources only
-    ad: AdData | None = None
-    entra: EntraData | None = None
-    organization: OrganizationData | None = None
-    configmgr: ConfigMgrData | None = None
-    view: ProvisioningView | None = None  # needs ad, entra and configmgr data
-    configmgr_summary: ConfigMgrSummary | None = None
-    entra_summary: EntraSummary | None = None
-
-    def data_of(self, kind: SourceKind) -> SourceData | None:
-        return {
-            "ad": self.ad,
-            "entra": self.entra,
-            "entra_organization": self.organization,
-            "configmgr": self.configmgr,
-        }[kind]
-
-    @property
-    def ready(self) -> bool:
-        """Every configured source has data: from a successful refresh or from the state file."""
-        return all(self.data_of(kind) is not None for kind in self.sources)
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    estates: tuple[EstateSnapshot, ...]
-    taken_at: float
-
-    @property
-    def ready(self) -> bool:
-        return all(estate.ready for estate in self.estates)
+def settings_of(config: EstateConfig) -> PipelineSettings:
+    definition = PIPELINES[getattr(config, "pipeline", "hybrid_mdm")]
+    return PipelineSettings(
+        definition=definition,
+        stuck_after={
+            s: config.stuck_after.get(s, definition.default_stuck_after[s]) for s in definition.waiting_stages
+        },
+        intune_service_plans=tuple(getattr(config, "intune_service_plans", ()) or ())
+        or PipelineSettings(definition, {}).intune_service_plans,
+        compliant_states=tuple(getattr(config, "compliant_states", ()) or ())
+        or PipelineSettings(definition, {}).compliant_states,
+        device_stale_after=float(
+            getattr(config, "device_stale_after", None) or PipelineSettings(definition, {}).device_stale_after
+        ),
+    )
 
 
 class _EstateState:
-    """Mutable per-estate state, only touched under the engine lock."""
+    """Mutable per-estate state, only touched under the engine lock (the evaluator works on copies)."""
 
     def __init__(self, config: EstateConfig, sources: Sequence[Source]) -> None:
         self.config = config
+        self.settings = settings_of(config)
+        self.pipeline = implementation(self.settings.definition.name)
         self.sources = {source.kind: source for source in sources}
         self.status: dict[SourceKind, SourceStatus] = {
             s.kind: SourceStatus(kind=s.kind, description=s.describe()) for s in sources
         }
         self.data: dict[SourceKind, SourceData] = {}
-        self.first_seen: dict[str, FirstSeen] = {}
-        self.in_flight: dict[SourceKind, threading.Thread] = {}
-        self.view: ProvisioningView | None = None
-        self.cm_summary: ConfigMgrSummary | None = None
-        self.entra_summary: EntraSummary | None = None
+        self.first_seen: FirstSeen | None = None
+        self.evaluation: Evaluation | None = None
+        self.in_flight: dict[SourceKind, tuple[threading.Thread, float]] = {}
+        self.dirty = False  # data changed since the last evaluation
+        self.evaluated_at = 0.0  # monotonic time of the last evaluation
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def estate_data(self) -> EstateData:
+        data = self.data
+        return EstateData(
+            ad=data.get("ad"),  # type: ignore[arg-type]
+            entra=data.get("entra"),  # type: ignore[arg-type]
+            organization=data.get("entra_organization"),  # type: ignore[arg-type]
+            configmgr=data.get("configmgr"),  # type: ignore[arg-type]
+            devices=data.get("intune_devices"),  # type: ignore[arg-type]
+        )
+
+    def can_evaluate(self) -> bool:
+        """The pipeline's sources all have data (those of them that are configured)."""
+        needed = self.pipeline.required & (set(self.sources) | {"ad"})
+        return "ad" in self.sources and all(kind in self.data for kind in needed)
 
 
 class Engine:
@@ -122,20 +107,27 @@ class Engine:
         *,
         clock: Clock = time.time,
         state_store: StateStore | None = None,
-        first_seen: Mapping[str, Mapping[str, FirstSeen]] | None = None,
+        first_seen: Mapping[str, FirstSeen] | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
         self._store = state_store
         self._lock = threading.Lock()
-        self._persist_lock = threading.Lock()
         self._stop = threading.Event()
-        self._dirty = threading.Event()
+        self._evaluate_needed = threading.Event()
+        self._persist_needed = threading.Event()
+        self._persist_urgent = False
         self._threads: list[threading.Thread] = []
+        self._started = False
+        self._restoring = False
         self._estates = {e.name: _EstateState(e, sources.get(e.name, ())) for e in config.estates}
         for name, seen in (first_seen or {}).items():
             if name in self._estates:
-                self._estates[name].first_seen = dict(seen)
+                self._estates[name].first_seen = seen
+        configured_key = getattr(config, "user_label_key", None)
+        self._label_key: str | None = configured_key.value if configured_key is not None else None
+        if self._label_key is None and state_store is None:
+            self._label_key = new_label_key()  # nothing to keep it in: stable for this process only
         self._snapshot = self._build_snapshot()
 
     # ------------------------------------------------------------------ public
@@ -143,49 +135,75 @@ class Engine:
         return self._snapshot
 
     def start(self) -> None:
-        """Restore the state file, then start one refresh thread per source."""
-        self.restore()
+        """Start in the background: restore the state file, then the refresh threads.
+
+        Returns at once so the HTTP server answers (/-/healthy 200, /-/ready 503) while a large
+        state file is read.
+        """
+        self._started = True
+        self._restoring = self._store is not None
+        self._publish()
+        starter = threading.Thread(target=self._start_in_background, name="engine-start", daemon=True)
+        self._threads.append(starter)
+        starter.start()
+
+    def _start_in_background(self) -> None:
+        try:
+            self.restore()
+        except Exception:  # a damaged state file must never stop the exporter
+            log.exception("restoring the state file failed; starting clean")
+        finally:
+            if self._label_key is None:
+                self._label_key = new_label_key()  # kept in the state file from now on
+            self._restoring = False
+            self._publish()
+        if self._stop.is_set():
+            return
+        self._spawn("evaluate", self._run_evaluator)
+        if self._store is not None:
+            self._spawn("persist-state", self._run_persister)
         for estate in self._estates.values():
             for source in estate.sources.values():
-                thread = threading.Thread(
-                    target=self._run_source,
-                    args=(estate, source),
-                    name=f"refresh-{estate.config.name}-{source.kind}",
-                    daemon=True,
-                )
-                self._threads.append(thread)
-                thread.start()
-        if self._store is not None:
-            persister = threading.Thread(target=self._run_persister, name="persist-state", daemon=True)
-            self._threads.append(persister)
-            persister.start()
+                self._spawn(f"refresh-{estate.name}-{source.kind}", self._run_source, estate, source)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def stop(self, timeout: float = 4.0) -> None:
+        """Stop the threads, abort refreshes in progress and write the state one last time (within
+        ``timeout`` seconds; an interrupted write leaves the previous state intact)."""
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        self._stop.set()
+        self._evaluate_needed.set()
+        self._persist_needed.set()
         for estate in self._estates.values():
             for source in estate.sources.values():
                 try:
                     source.close()
                 except Exception as exc:  # closing must never stop the shutdown
                     log.debug("closing %s failed: %s", source.describe(), exc)
-        self.persist()
+        for thread in self._threads:
+            thread.join(max(0.0, min(1.0, deadline - time.monotonic())))
+        self.persist(deadline=deadline)
 
     def restore(self) -> None:
         if self._store is None:
             return
-        persisted = self._store.load()
+        saved = self._store.load()
         restored = 0
         with self._lock:
-            for name, saved in persisted.items():
+            if self._label_key is None:
+                self._label_key = saved.label_key
+            for name, estate_state in saved.estates.items():
                 estate = self._estates.get(name)
-                if estate is None:
+                if estate is None or estate_state.pipeline != estate.settings.definition.name:
                     continue
-                estate.first_seen = dict(saved.first_seen)
-                for kind, src in saved.sources.items():
-                    if kind not in estate.sources:
+                if estate_state.first_seen is not None:
+                    estate.first_seen = estate_state.first_seen
+                for kind, src in estate_state.sources.items():
+                    if kind not in estate.sources or kind in estate.data:
                         continue
                     estate.data[kind] = src.data
                     estate.status[kind] = replace(
@@ -195,140 +213,229 @@ class Engine:
                         last_success=src.last_success,
                         duration=src.duration,
                         records=src.data.records,
+                        full_read_at=src.full_read_at,
                     )
+                    estate.dirty = True
                     restored += 1
+        for estate in self._estates.values():
+            if estate.dirty:
                 self._evaluate(estate)
-            self._snapshot = self._build_snapshot()
+        self._publish()
         if restored:
             log.info("restored %d source snapshots from %s", restored, self._store.path)
 
     def refresh(self, estate_name: str, kind: SourceKind) -> None:
-        """Run one refresh of one source synchronously (tests, and the refresh threads)."""
+        """Run one refresh of one source synchronously, then evaluate (tests, and `trace`)."""
         estate = self._estates[estate_name]
         self._refresh_with_deadline(estate, estate.sources[kind])
+        if not self._started:
+            self._evaluate(estate)
 
     def refresh_all(self) -> None:
         for estate in self._estates.values():
             for kind in estate.sources:
-                self.refresh(estate.config.name, kind)
+                self.refresh(estate.name, kind)
 
-    def persist(self) -> None:
-        if self._store is None:
-            return
+    def evaluate_all(self) -> None:
+        for estate in self._estates.values():
+            self._evaluate(estate)
+
+    @property
+    def label_key(self) -> str:
         with self._lock:
-            payload = {
-                name: PersistedEstate(
+            if self._label_key is None:
+                self._label_key = new_label_key()
+            return self._label_key
+
+    def labeler(self) -> UserLabeler:
+        return UserLabeler(self.config.user_label, self.label_key)
+
+    def persist(self, deadline: float | None = None) -> bool:
+        """Write the state file (only what changed); False if there is none or it was interrupted."""
+        if self._store is None:
+            return False
+        with self._lock:
+            state = SavedState(label_key=self._label_key)
+            for name, estate in self._estates.items():
+                state.estates[name] = EstateState(
+                    pipeline=estate.settings.definition.name,
                     sources={
-                        kind: PersistedSource(
+                        kind: SourceState(
                             data=data,
                             up=estate.status[kind].up,
                             last_success=estate.status[kind].last_success,
                             duration=estate.status[kind].duration,
+                            full_read_at=estate.status[kind].full_read_at,
                         )
                         for kind, data in estate.data.items()
                     },
-                    first_seen=dict(estate.first_seen),
+                    first_seen=estate.first_seen,
                 )
-                for name, estate in self._estates.items()
-            }
-        # Serialising a large estate takes a while: do it outside the engine lock so scrapes and
-        # other refreshes are not held up, but one writer at a time.
-        with self._persist_lock:
-            try:
-                self._store.save(payload, self._clock())
-            except OSError as exc:
-                log.error("cannot write state file %s: %s", self._store.path, exc)
 
-    # ------------------------------------------------------------------ refresh loop
+        def should_stop() -> bool:
+            return deadline is not None and time.monotonic() > deadline
+
+        try:
+            return self._store.save(state, self._clock(), should_stop)
+        except OSError as exc:
+            self._note_state_write_failure(exc)
+            return False
+
+    state_write_failures = 0
+    _state_write_failing = False
+
+    def _note_state_write_failure(self, exc: OSError) -> None:
+        self.state_write_failures += 1
+        if not self._state_write_failing:  # once per change of state, not on every refresh
+            log.error("cannot write state file %s: %s", self._store.path if self._store else "", exc)
+        self._state_write_failing = True
+
+    # ------------------------------------------------------------------ threads
     def _run_source(self, estate: _EstateState, source: Source) -> None:
         interval = self.config.refresh_interval
         while not self._stop.is_set():
             started = time.monotonic()
-            self._refresh_with_deadline(estate, source)
-            self._dirty.set()
-            self._stop.wait(max(0.0, interval - (time.monotonic() - started)))
+            try:
+                self._refresh_with_deadline(estate, source)
+            except Exception as exc:  # the refresh loop must never die (e.g. a bug in a source)
+                log.error("refresh loop of %s/%s failed: %s", estate.name, source.kind, exc, exc_info=True)
+                self._record_failure(estate, source, _unexpected(exc, source), time.monotonic() - started)
+            self._stop.wait(max(0.0, min(interval, 7 * 86400.0) - (time.monotonic() - started)))
+
+    def _run_evaluator(self) -> None:
+        """Evaluate estates whose data changed (and every refresh interval: time moves on)."""
+        while not self._stop.is_set():
+            self._evaluate_needed.wait(1.0)
+            self._evaluate_needed.clear()
+            for estate in self._estates.values():
+                if self._stop.is_set():
+                    return
+                stale = time.monotonic() - estate.evaluated_at > self.config.refresh_interval
+                if estate.dirty or (stale and estate.evaluation is not None):
+                    try:
+                        self._evaluate(estate)
+                    except Exception:
+                        log.exception("evaluating estate %s failed", estate.name)
 
     def _run_persister(self) -> None:
-        """Write the state file whenever a refresh finished since the last write.
-
-        One writer thread: refreshes that finish while a (possibly multi-second) write of a large
-        estate is under way are coalesced into the next write instead of queueing one each, and a
-        kill right after the exporter became ready still finds every source in the file.
-        """
+        """Write the state file when something changed: at once when a source got its first data
+        (so a kill right after ready loses nothing), otherwise at most once per refresh interval."""
+        last_write = 0.0
         while not self._stop.is_set():
-            if self._dirty.wait(0.2):
-                self._dirty.clear()
-                self.persist()
+            if not self._persist_needed.wait(0.5):
+                continue
+            urgent = self._persist_urgent
+            if not urgent and time.monotonic() - last_write < self.config.refresh_interval:
+                self._stop.wait(0.5)
+                continue
+            self._persist_needed.clear()
+            self._persist_urgent = False
+            if self.persist(deadline=None if not self._stop.is_set() else time.monotonic()):
+                last_write = time.monotonic()
+                self._state_write_failing = False
 
+    # ------------------------------------------------------------------ one refresh
     def _refresh_with_deadline(self, estate: _EstateState, source: Source) -> None:
-        """Refresh in a worker thread and give up waiting after the refresh timeout.
+        """Refresh in a worker thread; at the deadline abort it (the source closes its connections).
 
-        A source whose I/O ignores its own timeout cannot be cancelled in Python; the worker is left
-        to finish on its own and no second refresh of that source is started while it runs.
+        A refresh whose I/O ignores the abort cannot be cancelled in Python; no second refresh of
+        that source starts while it runs, and its duration keeps growing in the metrics.
         """
         timeout = self.config.effective_refresh_timeout
-        previous_worker = estate.in_flight.get(source.kind)
-        if previous_worker is not None and previous_worker.is_alive():
+        running = estate.in_flight.get(source.kind)
+        if running is not None and running[0].is_alive():
             self._record_failure(
-                estate, source, SourceError("timeout", "the previous refresh is still running"), 0.0
+                estate,
+                source,
+                SourceError("timeout", "the previous refresh is still running (aborted, not yet finished)"),
+                time.monotonic() - running[1],
             )
             return
         outcome: dict[str, object] = {}
-        previous = estate.data.get(source.kind)
+        previous = self._previous_for(estate, source.kind)
         started = time.monotonic()
+        deadline = started + timeout
 
         def work() -> None:
             try:
-                outcome["data"] = source.refresh(previous)
+                outcome["data"] = source.refresh(previous, deadline)
             except BaseException as exc:
                 outcome["error"] = exc
 
-        worker = threading.Thread(target=work, name=f"read-{estate.config.name}-{source.kind}", daemon=True)
-        estate.in_flight[source.kind] = worker
+        worker = threading.Thread(target=work, name=f"read-{estate.name}-{source.kind}", daemon=True)
+        estate.in_flight[source.kind] = (worker, started)
         worker.start()
         worker.join(timeout)
-        duration = time.monotonic() - started
         if worker.is_alive():
-            self._record_failure(
-                estate,
-                source,
-                SourceError("timeout", f"refresh did not finish within {timeout:g}s"),
-                duration,
-            )
-        elif "error" in outcome:
-            error = outcome["error"]
-            assert isinstance(error, BaseException)
-            self._record_failure(
-                estate,
-                source,
-                error if isinstance(error, SourceError) else _unexpected(error, source),
-                duration,
-            )
+            abort_source(source)
+            worker.join(_ABORT_GRACE)
+            message = f"refresh did not finish within {timeout:g}s (aborted)"
+            if isinstance(outcome.get("error"), SourceError):
+                message += f"; last: {outcome['error']}"
+            self._record_failure(estate, source, SourceError("timeout", message), time.monotonic() - started)
+            return
+        duration = time.monotonic() - started
+        if "error" in outcome:
+            self._record_failure(estate, source, self._as_source_error(outcome["error"], source), duration)
         else:
             self._record_success(estate, source, outcome["data"], duration)  # type: ignore[arg-type]
+
+    def _as_source_error(self, error: object, source: Source) -> SourceError:
+        assert isinstance(error, BaseException)
+        return error if isinstance(error, SourceError) else _unexpected(error, source)
+
+    def _previous_for(self, estate: _EstateState, kind: SourceKind) -> SourceData | None:
+        """The data an incremental read builds on; None asks the source for a full read."""
+        with self._lock:
+            previous = estate.data.get(kind)
+            status = estate.status[kind]
+        if previous is None:
+            return None
+        resync = getattr(self.config, "full_resync_interval", 86400.0)
+        if resync <= 0:
+            return None
+        if status.full_read_at is not None and self._clock() - status.full_read_at >= resync:
+            return None
+        return previous
 
     def _record_success(
         self, estate: _EstateState, source: Source, data: SourceData, duration: float
     ) -> None:
         now = self._clock()
+        expected = SOURCE_REGISTRY[source.kind].data_type
+        if not isinstance(data, expected):
+            self._record_failure(
+                estate,
+                source,
+                SourceError("other", f"returned {type(data).__name__}, expected {expected.__name__}"),
+                duration,
+            )
+            return
         with self._lock:
+            first_data = source.kind not in estate.data
+            changed = estate.data.get(source.kind) is not data
             estate.data[source.kind] = data
+            status = estate.status[source.kind]
+            full = not isinstance(data, Table) or data.meta.get("read", "full") == "full"
             estate.status[source.kind] = replace(
-                estate.status[source.kind],
+                status,
                 up=True,
                 refreshed=True,
                 last_success=now,
-                last_attempt=now,
                 duration=duration,
                 records=data.records,
                 last_error=None,
-                http_stats=_http_stats(source),
+                http_stats=http_stats_of(source),
+                warning=data.meta.get("warning") if isinstance(data, Table) else None,
+                full_read_at=now if full and changed else status.full_read_at,
             )
-            self._evaluate(estate)
-            self._snapshot = self._build_snapshot()
-        log.debug(
-            "refreshed %s/%s: %d records in %.2fs", estate.config.name, source.kind, data.records, duration
-        )
+            if changed:
+                estate.dirty = True
+        if changed:
+            self._persist_urgent = self._persist_urgent or first_data
+            self._persist_needed.set()
+        self._after_change(estate)
+        log.debug("refreshed %s/%s: %d records in %.2fs", estate.name, source.kind, data.records, duration)
 
     def _record_failure(
         self, estate: _EstateState, source: Source, error: SourceError, duration: float
@@ -342,70 +449,82 @@ class Engine:
                 status,
                 up=False,
                 refreshed=True,
-                last_attempt=now,
                 duration=duration,
                 errors=errors,
                 last_error=f"{error.reason}: {error.message}",
-                http_stats=_http_stats(source),
+                last_error_at=now,
+                http_stats=http_stats_of(source) or status.http_stats,
             )
-            # Time moves on even when a source is down: stuck ages must keep growing.
-            self._evaluate(estate)
-            self._snapshot = self._build_snapshot()
+        self._after_change(estate)
         log.warning(
             "refresh of %s for estate %s failed (%s): %s",
             source.describe(),
-            estate.config.name,
+            estate.name,
             error.reason,
             error.message,
         )
 
-    # ------------------------------------------------------------------ derived data
+    def _after_change(self, estate: _EstateState) -> None:
+        if self._started:
+            self._evaluate_needed.set()
+        self._publish()
+
+    # ------------------------------------------------------------------ evaluation
     def _evaluate(self, estate: _EstateState) -> None:
-        ad = estate.data.get("ad")
-        entra = estate.data.get("entra")
-        cm = estate.data.get("configmgr")
-        org = estate.data.get("entra_organization")
-        if isinstance(ad, AdData) and isinstance(entra, EntraData) and isinstance(cm, ConfigMgrData):
-            view, estate.first_seen = evaluate(
-                ad,
-                entra,
-                cm,
-                estate.first_seen,
-                estate.config.stuck_after,
-                self._clock(),
-                organization=org if isinstance(org, OrganizationData) else None,
-            )
-            estate.view = view
-        estate.cm_summary = summarise_configmgr(cm) if isinstance(cm, ConfigMgrData) else None
-        estate.entra_summary = summarise_entra(entra) if isinstance(entra, EntraData) else None
+        with self._lock:
+            if not estate.can_evaluate():
+                estate.dirty = False
+                return
+            data = estate.estate_data()
+            first_seen = estate.first_seen
+            estate.dirty = False
+        started = time.monotonic()
+        result = evaluate(estate.pipeline, data, estate.settings, first_seen, self._clock())
+        with self._lock:
+            estate.evaluation = result
+            estate.first_seen = result.first_seen
+            estate.evaluated_at = time.monotonic()
+        self._persist_needed.set()
+        self._publish()
+        log.debug(
+            "evaluated estate %s (%d users) in %.3fs",
+            estate.name,
+            data.ad.n if data.ad else 0,
+            time.monotonic() - started,
+        )
+
+    # ------------------------------------------------------------------ snapshots
+    def _publish(self) -> None:
+        snapshot = self._build_snapshot()
+        with self._lock:
+            self._snapshot = snapshot
 
     def _build_snapshot(self) -> Snapshot:
-        estates = []
-        for estate in self._estates.values():
-            data = estate.data
-            estates.append(
+        with self._lock:
+            estates = tuple(
                 EstateSnapshot(
-                    name=estate.config.name,
-                    stuck_after=estate.config.stuck_after,
+                    name=estate.name,
+                    settings=estate.settings,
                     sources=dict(estate.status),
-                    ad=_typed(data.get("ad"), AdData),
-                    entra=_typed(data.get("entra"), EntraData),
-                    organization=_typed(data.get("entra_organization"), OrganizationData),
-                    configmgr=_typed(data.get("configmgr"), ConfigMgrData),
-                    view=estate.view,
-                    configmgr_summary=estate.cm_summary,
-                    entra_summary=estate.entra_summary,
+                    data=estate.estate_data(),
+                    evaluation=estate.evaluation,
                 )
+                for estate in self._estates.values()
             )
-        return Snapshot(estates=tuple(estates), taken_at=self._clock())
-
-
-def _typed(value: object, cls: type[_T]) -> _T | None:
-    return value if isinstance(value, cls) else None
-
-
-def _http_stats(source: Source) -> HttpStats | None:
-    return source.http_stats() if isinstance(source, HttpStatsProvider) else None
+            running = {
+                (estate.name, kind): started
+                for estate in self._estates.values()
+                for kind, (thread, started) in estate.in_flight.items()
+                if thread.is_alive()
+            }
+        return Snapshot(
+            estates=estates,
+            taken_at=self._clock(),
+            restoring=self._restoring,
+            labeler=UserLabeler(self.config.user_label, self._label_key or ""),
+            refreshing=running,
+            state_write_failures=self.state_write_failures,
+        )
 
 
 def _unexpected(error: BaseException, source: Source) -> SourceError:

@@ -1,109 +1,324 @@
-"""What the HTTP endpoints show: the landing page and the /stuck document, from one snapshot."""
+"""What the HTTP endpoints show: the landing page, /stuck and /trace, rendered from one snapshot.
+
+The landing page is the page an administrator keeps open: per estate the funnel of its pipeline,
+why users are stuck (reason, count, what to do), the longest-waiting stuck users, each source's
+state, and a search box that explains one user (/trace). Server-rendered HTML with inline CSS and
+no external assets, so it works offline, behind strict proxies and on a phone. With
+``user_label: none`` no page names a user.
+"""
 
 from __future__ import annotations
 
 import html
-from datetime import UTC, datetime
+import time
+from collections.abc import Iterable
 from typing import Any
 
 import exporter
-from exporter.engine import EstateSnapshot, Snapshot
-from exporter.model import STAGES, WAITING_STAGES
-from exporter.stages import user_label_value
+from exporter.durations import format_duration
+from exporter.pipelines.explain import explain, find_rows, iso
+from exporter.snapshot import EstateSnapshot, Snapshot, SourceStatus
 
-
-def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def stuck_document(snapshot: Snapshot, user_label: str) -> dict[str, Any]:
-    """The /stuck JSON: stuck users per estate and stage, longest-waiting first."""
-    now = snapshot.taken_at
-    estates = []
-    for estate in snapshot.estates:
-        view = estate.view
-        entry: dict[str, Any] = {
-            "estate": estate.name,
-            "evaluated_at": _iso(view.evaluated_at if view else None),
-        }
-        stages: dict[str, Any] = {}
-        for stage in WAITING_STAGES:
-            stuck = [s for s in view.stuck_users if s.stage == stage] if view else []
-            item: dict[str, Any] = {
-                "stuck_after_seconds": estate.stuck_after.get(stage),
-                "count": len(stuck),
-            }
-            if user_label != "none":
-                item["users"] = [
-                    {
-                        "user": user_label_value(
-                            user_label, s.sam_account_name, s.user_principal_name, s.user_key
-                        ),
-                        "entered_stage_at": _iso(s.entered),
-                        "waiting_seconds": round(max(0.0, now - s.entered), 1),
-                    }
-                    for s in stuck
-                ]
-            stages[stage] = item
-        entry["available"] = view is not None
-        entry["stages"] = stages
-        estates.append(entry)
-    return {"generated_at": _iso(now), "estates": estates}
-
-
-def landing_page(snapshot: Snapshot, title: str) -> str:
-    rows = []
-    for estate in snapshot.estates:
-        for kind, status in estate.sources.items():
-            state = "up" if status.up else ("down" if status.refreshed else "waiting")
-            rows.append(
-                "<tr>"
-                + "".join(
-                    f"<td>{html.escape(str(cell))}</td>"
-                    for cell in (
-                        estate.name,
-                        kind,
-                        status.description,
-                        state,
-                        _iso(status.last_success) or "never",
-                        "" if status.records is None else status.records,
-                        status.last_error or "",
-                    )
-                )
-                + "</tr>"
-            )
-    ready = "ready" if snapshot.ready else "not ready yet (waiting for the first refresh)"
-    pipeline = "".join(_pipeline_table(estate) for estate in snapshot.estates)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head>
-<body><h1>{html.escape(title)}</h1>
-<p>Version {html.escape(exporter.__version__)}; {html.escape(ready)};
-snapshot taken {_iso(snapshot.taken_at)}.</p>
-<ul><li><a href="metrics">Metrics</a></li><li><a href="stuck">Stuck users (JSON)</a></li>
-<li><a href="-/healthy">Health</a></li><li><a href="-/ready">Readiness</a></li></ul>
-{pipeline}
-<h2>Sources</h2>
-<table><tr><th>Estate</th><th>Source</th><th>Reads from</th><th>State</th><th>Last success</th>
-<th>Records</th><th>Last error</th></tr>
-{"".join(rows)}
-</table></body></html>
+LISTED_ON_PAGE = 25
+_CSS = """
+:root{--ok:#1a7f37;--bad:#cf222e;--warn:#9a6700;--muted:#57606a;--line:#d0d7de;--bar:#0969da;--stuck:#cf222e}
+*{box-sizing:border-box}body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
+header{background:#24292f;color:#fff;padding:12px 20px;display:flex;flex-wrap:wrap;gap:12px;align-items:center;justify-content:space-between}
+header h1{font-size:18px;margin:0}header a{color:#c9d1d9}
+main{max-width:1180px;margin:0 auto;padding:16px}
+section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:14px 16px;margin:0 0 16px}
+h2{font-size:17px;margin:0 0 10px}h3{font-size:15px;margin:14px 0 6px}
+table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid var(--line);padding:5px 8px;text-align:left;vertical-align:top}
+th{font-weight:600;color:var(--muted);font-size:13px}
+.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+.bar{height:14px;background:var(--bar);border-radius:3px;min-width:1px}.bar.stuck{background:var(--stuck)}
+.barcell{width:40%}.muted{color:var(--muted)}.ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}
+.pill{display:inline-block;padding:0 8px;border-radius:10px;font-size:12px;border:1px solid var(--line)}
+form.search{display:flex;gap:6px;flex-wrap:wrap}form.search input[type=text]{flex:1;min-width:200px;padding:6px 8px;font-size:15px;border:1px solid var(--line);border-radius:6px}
+form.search button,form.search select{padding:6px 12px;font-size:15px;border-radius:6px;border:1px solid var(--line);background:#fff}
+code{font-size:13px;word-break:break-all}.steps li{margin:4px 0;list-style:none}.steps{padding-left:0}
+.tick{display:inline-block;width:1.4em;font-weight:700}
+@media (max-width:700px){.hide-narrow{display:none}td,th{padding:4px}main{padding:8px}}
 """
 
 
-def _pipeline_table(estate: EstateSnapshot) -> str:
-    view = estate.view
-    if view is None:
-        return ""
-    cells = "".join(
-        f"<tr><td>{stage}</td><td>{view.users[stage]}</td><td>{view.stuck[stage]}</td></tr>"
-        for stage in STAGES
+def _e(value: object) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
+<title>{_e(title)}</title><style>{_CSS}</style></head>
+<body><header><h1><a href="./" style="color:#fff;text-decoration:none">intune-provisioning-exporter</a></h1>
+<nav><a href="metrics">metrics</a> · <a href="stuck">stuck (JSON)</a> · <a href="-/ready">ready</a></nav></header>
+<main>{body}</main></body></html>
+"""
+
+
+def _waited(seconds: float) -> str:
+    return format_duration(max(0.0, seconds)) if seconds >= 1 else "just now"
+
+
+# ============================================================================ landing page
+def landing_page(snapshot: Snapshot, title: str = "intune-provisioning-exporter") -> str:
+    ready = (
+        '<span class="ok">ready</span>'
+        if snapshot.ready
+        else '<span class="warn">not ready yet (waiting for the first refresh of every source)</span>'
     )
+    estates = [e.name for e in snapshot.estates]
+    options = "".join(f"<option>{_e(n)}</option>" for n in estates)
+    search = f"""<section><h2>What happened to a user?</h2>
+<form class="search" action="trace" method="get"><input type="text" name="user" required
+placeholder="UPN, sAMAccountName, DOMAIN\\sam, objectGUID or Entra object id" aria-label="user">
+{'<select name="estate" aria-label="estate"><option value="">all estates</option>' + options + "</select>" if len(estates) > 1 else ""}
+<button type="submit">Trace</button></form>
+<p class="muted">Version {_e(exporter.__version__)}; {ready}; snapshot taken {_e(iso(snapshot.taken_at))}.</p></section>"""
+    body = search + "".join(_estate_section(snapshot, estate) for estate in snapshot.estates)
+    return _page(title, body)
+
+
+def _estate_section(snapshot: Snapshot, estate: EstateSnapshot) -> str:
+    parts = [
+        f'<section id="estate-{_e(estate.name)}"><h2>{_e(estate.name)} <span class="pill">{_e(estate.pipeline)}</span></h2>'
+    ]
+    evaluation = estate.evaluation
+    if evaluation is None:
+        parts.append(
+            '<p class="muted">No pipeline view yet: waiting for the first data of every source it needs.</p>'
+        )
+    else:
+        summary = evaluation.summary(snapshot.taken_at)
+        parts.append(_funnel(estate, summary.users, summary.stuck))
+        parts.append(_reasons(estate, summary.stuck_reasons))
+        parts.append(_stuck_users(snapshot, estate, [int(r) for r in summary.stuck_rows[:LISTED_ON_PAGE]]))
+    parts.append(_sources(estate))
+    parts.append("</section>")
+    return "".join(parts)
+
+
+def _funnel(estate: EstateSnapshot, users: dict[str, int] | Any, stuck: dict[str, int] | Any) -> str:
+    total = max(1, max(users.values(), default=0))
+    rows = []
+    for stage in estate.settings.definition.stages:
+        count, stuck_count = users[stage], stuck[stage]
+        width = 100.0 * count / total
+        stuck_width = 100.0 * stuck_count / total
+        rows.append(
+            f"<tr><td>{_e(stage)}</td><td class='num'>{count}</td>"
+            f"<td class='num {'bad' if stuck_count else 'muted'}'>{stuck_count}</td>"
+            f"<td class='barcell hide-narrow'><div class='bar' style='width:{width:.1f}%'></div>"
+            f"<div class='bar stuck' style='width:{stuck_width:.1f}%'></div></td></tr>"
+        )
     return (
-        f"<h2>Pipeline: {html.escape(estate.name)}</h2>"
-        "<table><tr><th>Stage</th><th>Users</th><th>Stuck</th></tr>"
-        f"{cells}</table>"
+        "<h3>Pipeline</h3><table class='funnel'><tr><th>Stage</th><th class='num'>Users</th>"
+        "<th class='num'>Stuck</th><th class='hide-narrow'></th></tr>" + "".join(rows) + "</table>"
     )
+
+
+def _reasons(estate: EstateSnapshot, counts: Any) -> str:
+    definition = estate.settings.definition
+    rows = [
+        f"<tr><td>{_e(reason.stage)}</td><td><code>{_e(reason.name)}</code></td>"
+        f"<td class='num bad'>{counts[(reason.stage, reason.name)]}</td><td>{_e(reason.action)}</td></tr>"
+        for reason in definition.reasons
+        if counts.get((reason.stage, reason.name), 0)
+    ]
+    if not rows:
+        return "<h3>Why users are stuck</h3><p class='ok'>Nobody is stuck.</p>"
+    rows.sort(key=lambda row: 0)  # keep the contract's order (stage, then precedence)
+    return (
+        "<h3>Why users are stuck</h3><table class='reasons'><tr><th>Stage</th><th>Reason</th>"
+        "<th class='num'>Stuck</th><th>What to do</th></tr>" + "".join(rows) + "</table>"
+    )
+
+
+def _stuck_users(snapshot: Snapshot, estate: EstateSnapshot, rows: Iterable[int]) -> str:
+    evaluation = estate.evaluation
+    assert evaluation is not None
+    labeler = snapshot.labeler
+    listed = list(rows)
+    if not listed:
+        return ""
+    if not labeler.names_users:
+        return f"<p class='muted'>{len(listed)}+ stuck users (names hidden: user_label is none).</p>"
+    ad = evaluation.ad
+    items = []
+    for row in listed:
+        name = (
+            labeler.label(
+                ad.text("sam", row) or "", ad.text("upn", row), bytes(ad.array("guid")[row].tobytes())
+            )
+            or ""
+        )
+        waited = snapshot.taken_at - float(evaluation.entered[row])
+        link = f"trace?user={_e(_query(name))}&amp;estate={_e(_query(estate.name))}"
+        traceable = labeler.mode != "hash"
+        who = f"<a href='{link}'>{_e(name)}</a>" if traceable else f"<code>{_e(name)}</code>"
+        items.append(
+            f"<tr><td>{who}</td><td>{_e(evaluation.stage_name(row))}</td>"
+            f"<td><code>{_e(evaluation.reason_name(row))}</code></td><td class='num'>{_e(_waited(waited))}</td></tr>"
+        )
+    return (
+        "<h3>Longest-waiting stuck users</h3><table class='stuck'><tr><th>User</th><th>Stage</th>"
+        "<th>Reason</th><th class='num'>Waiting</th></tr>" + "".join(items) + "</table>"
+    )
+
+
+def _query(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe="@")
+
+
+def _source_state(status: SourceStatus) -> str:
+    if status.up:
+        return "<span class='ok'>up</span>"
+    return "<span class='bad'>down</span>" if status.refreshed else "<span class='muted'>waiting</span>"
+
+
+def _sources(estate: EstateSnapshot) -> str:
+    rows = []
+    for kind, status in estate.sources.items():
+        notes = " ".join(
+            note
+            for note in (
+                f"<span class='bad'>{_e(status.last_error)}</span>" if status.last_error else "",
+                f"<span class='warn'>{_e(status.warning)}</span>" if status.warning else "",
+            )
+            if note
+        )
+        rows.append(
+            f"<tr><td>{_e(kind)}</td><td class='hide-narrow'>{_e(status.description)}</td><td>{_source_state(status)}</td>"
+            f"<td>{_e(iso(status.last_success) or 'never')}</td>"
+            f"<td class='num'>{'' if status.records is None else status.records}</td><td>{notes}</td></tr>"
+        )
+    return (
+        "<h3>Sources</h3><table class='sources'><tr><th>Source</th><th class='hide-narrow'>Reads from</th><th>State</th>"
+        "<th>Last success</th><th class='num'>Records</th><th>Last error / warning</th></tr>"
+        + "".join(rows)
+        + "</table>"
+    )
+
+
+# ============================================================================ /stuck
+def stuck_document(snapshot: Snapshot, user_label: str | None = None) -> dict[str, Any]:
+    """The /stuck JSON: stuck users per estate and stage, longest-waiting first, with reasons."""
+    now = snapshot.taken_at
+    labeler = snapshot.labeler
+    estates = []
+    for estate in snapshot.estates:
+        evaluation = estate.evaluation
+        entry: dict[str, Any] = {
+            "estate": estate.name,
+            "pipeline": estate.pipeline,
+            "evaluated_at": iso(evaluation.evaluated_at) if evaluation else None,
+            "available": evaluation is not None,
+        }
+        stages: dict[str, Any] = {}
+        rows_by_stage: dict[str, list[int]] = {s: [] for s in estate.settings.definition.waiting_stages}
+        if evaluation is not None:
+            for row in evaluation.summary(now).stuck_rows:
+                rows_by_stage[evaluation.stage_name(int(row))].append(int(row))
+        for stage, rows in rows_by_stage.items():
+            item: dict[str, Any] = {"stuck_after_seconds": estate.stuck_after.get(stage), "count": len(rows)}
+            if labeler.names_users and evaluation is not None:
+                item["users"] = [_stuck_user(snapshot, estate, row, now) for row in rows]
+            else:
+                item["reasons"] = _reason_counts(estate, stage, rows)
+            stages[stage] = item
+        entry["stages"] = stages
+        estates.append(entry)
+    return {"generated_at": iso(now), "estates": estates}
+
+
+def _stuck_user(snapshot: Snapshot, estate: EstateSnapshot, row: int, now: float) -> dict[str, Any]:
+    evaluation = estate.evaluation
+    assert evaluation is not None
+    explained = explain(evaluation, row, now, estate.name)
+    ad = evaluation.ad
+    return {
+        "user": snapshot.labeler.label(explained.sam, explained.upn, bytes(ad.array("guid")[row].tobytes())),
+        "entered_stage_at": iso(explained.entered),
+        "waiting_seconds": round(max(0.0, explained.waiting), 1),
+        "reason": explained.reason,
+        "detail": explained.detail if snapshot.labeler.mode in ("upn", "sam") else None,
+        "action": explained.action,
+    }
+
+
+def _reason_counts(estate: EstateSnapshot, stage: str, rows: list[int]) -> dict[str, int]:
+    evaluation = estate.evaluation
+    counts = {r.name: 0 for r in estate.settings.definition.reasons_of(stage)}
+    if evaluation is not None:
+        for row in rows:
+            name = evaluation.reason_name(row)
+            if name is not None:
+                counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+# ============================================================================ /trace
+class TraceNotFound(LookupError):
+    pass
+
+
+def trace_documents(snapshot: Snapshot, user: str, estate_name: str | None = None) -> list[dict[str, Any]]:
+    """The trace JSON of every in-scope user matching ``user`` (in one estate, or in all)."""
+    found = []
+    for estate in snapshot.estates:
+        if estate_name and estate.name != estate_name:
+            continue
+        evaluation = estate.evaluation
+        if evaluation is None:
+            continue
+        for row in find_rows(evaluation, user):
+            found.append(explain(evaluation, row, snapshot.taken_at, estate.name).document())
+    if not found:
+        raise TraceNotFound(user)
+    return found
+
+
+def trace_page(snapshot: Snapshot, user: str, estate_name: str | None = None) -> tuple[int, str]:
+    """(status, HTML) for /trace."""
+    try:
+        documents = trace_documents(snapshot, user, estate_name)
+    except TraceNotFound:
+        body = (
+            f"<section><h2>No in-scope user matches <code>{_e(user)}</code></h2>"
+            "<p>Search by UPN, sAMAccountName, DOMAIN\\sam, objectGUID or Entra object id. A user outside "
+            "the AD search bases or filtered out by user_filter is not in scope.</p>"
+            "<p><a href='./'>Back</a></p></section>"
+        )
+        return 404, _page(f"{user}: not found", body)
+    return 200, _page(f"Trace {user}", "".join(_trace_section(d) for d in documents))
+
+
+def _trace_section(document: dict[str, Any]) -> str:
+    user = document["user"]
+    steps = "".join(
+        f"<li><span class='tick {'ok' if step['done'] else 'bad'}'>{'✓' if step['done'] else '✗'}</span>"
+        f"<b>{_e(step['stage'])}</b> — {_e(step['evidence'])}</li>"
+        for step in document["steps"]
+    )
+    if document["reason"] is None:
+        verdict = f"<p class='ok'>At <b>{_e(document['stage'])}</b>: this user has completed the chain.</p>"
+    else:
+        state = "<span class='bad'>stuck</span>" if document["stuck"] else "<span class='warn'>waiting</span>"
+        waited = _waited(float(document.get("waiting_seconds") or 0))
+        verdict = (
+            f"<p>{state} at <b>{_e(document['stage'])}</b> for {_e(waited)} (since {_e(document['entered_stage_at'])})</p>"
+            f"<p>Reason: <code>{_e(document['reason'])}</code> — {_e(document['detail'])}</p>"
+            f"<p><b>What to do:</b> {_e(document['action'])}</p>"
+        )
+    return (
+        f"<section class='trace'><h2>{_e(user['upn'] or user['sam'])} <span class='pill'>{_e(document['estate'])}</span> "
+        f"<span class='pill'>{_e(document['pipeline'])}</span></h2>"
+        f"<p class='muted'>sAMAccountName {_e(user['sam'])} · objectGUID <code>{_e(user['object_guid'])}</code> · "
+        f"objectSid <code>{_e(user['object_sid'])}</code></p>{verdict}<h3>Steps</h3><ul class='steps'>{steps}</ul></section>"
+    )
+
+
+def render_time() -> float:
+    return time.time()

@@ -1,278 +1,508 @@
-"""The state file: last good data of every source plus first-seen times, written atomically.
+"""The state file: the last good data of every source, first-seen times and incremental read state.
 
-After a restart the exporter serves the persisted snapshot at once, before any backend answered,
-and first-seen times (the only evidence of when a user reached the collection/connector stages)
-survive. The format is JSON with a version number; a file of another version, or a damaged one, is
-logged and ignored rather than crashing the exporter.
+After a restart the exporter serves the persisted snapshot at once, before any backend answers;
+first-seen times (the only evidence of when a user reached a stage no backend timestamps) and the
+sources' incremental state (Graph delta link, AD USN) survive.
+
+Layout: ``state_file`` itself is a small JSON *manifest*; each source table lives in a binary file
+in the directory ``<state_file>.d/`` (a header describing the columns, then the raw column
+buffers). A table file is written once per table version, so a refresh that changed nothing
+writes nothing but the manifest, and a 500,000-user table is written with a few large ``write``
+calls instead of being turned into JSON. Every file is written to a temporary name, synced and
+renamed; the manifest is renamed last, so a kill at any moment leaves the previous complete state.
+Leftover temporary files and table files no manifest refers to are removed at start.
+
+Everything read back is validated (pydantic for the manifest, shape and range checks for every
+column); a damaged part is logged once and that estate starts clean, never crashing the exporter.
 """
 
 from __future__ import annotations
 
-import binascii
 import contextlib
-import dataclasses
 import json
 import logging
+import math
 import os
-import tempfile
-import types
-import typing
-from collections.abc import Callable, Mapping
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
-from exporter.model import (
-    STAGES,
-    AdData,
-    ConfigMgrData,
-    EntraData,
-    OrganizationData,
-    SourceData,
-    SourceKind,
-)
-from exporter.stages import FirstSeen
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from exporter.columns import Blob
+from exporter.model import SOURCE_REGISTRY, OrganizationData, SourceData, SourceKind
+from exporter.pipelines.definitions import PIPELINES
+from exporter.pipelines.evaluation import FirstSeen
+from exporter.tables import NUMPY_KINDS, Categorical, Col, ColumnValue, Table
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
-DATA_TYPES: dict[SourceKind, type] = {
-    "ad": AdData,
-    "entra": EntraData,
-    "entra_organization": OrganizationData,
-    "configmgr": ConfigMgrData,
-}
+STATE_VERSION = 2
+MAGIC = b"IPXTABLE2\n"
+# Timestamps outside this range are damage, not data (year 1336 .. 2603).
+TIME_LIMIT = 2e10
+_WRITE_SLICE = 8 << 20  # bytes per write call: the GIL is released during each
 
 
+class StateError(ValueError):
+    """A state file (or one of its parts) that cannot be used."""
+
+
+# ============================================================================ table files
+def _buffers(table: Table) -> Iterator[tuple[dict[str, Any], list[memoryview | bytes]]]:
+    """(column description, its buffers) for every column, children after the parent's."""
+    for col in table.COLUMNS:
+        value = table.column(col.name)
+        if isinstance(value, Blob):
+            parts: list[memoryview | bytes] = [value.data, value.offsets.data]
+            if value.nulls is not None:
+                parts.append(value.nulls.data)
+            yield {"name": col.name, "kind": col.kind, "nulls": value.nulls is not None}, parts
+        elif isinstance(value, Categorical):
+            yield {"name": col.name, "kind": col.kind, "vocab": list(value.vocab)}, [value.codes.data]
+        else:
+            yield {"name": col.name, "kind": col.kind}, [np.ascontiguousarray(value).data.cast("B")]
+
+
+def _describe(table: Table, offset: int) -> tuple[dict[str, Any], list[memoryview | bytes], int]:
+    columns = []
+    payload: list[memoryview | bytes] = []
+    for description, parts in _buffers(table):
+        lengths = [len(p) if isinstance(p, bytes) else p.nbytes for p in parts]
+        description["buffers"] = [[offset + sum(lengths[:i]), n] for i, n in enumerate(lengths)]
+        offset += sum(lengths)
+        columns.append(description)
+        payload.extend(parts)
+    children = {}
+    for name, child in table.children.items():
+        children[name], child_payload, offset = _describe(child, offset)
+        payload.extend(child_payload)
+    return (
+        {"type": type(table).__name__, "rows": table.n, "columns": columns, "children": children},
+        payload,
+        offset,
+    )
+
+
+def write_table(path: Path, table: Table, should_stop: Callable[[], bool] = lambda: False) -> bool:
+    """Write one table file atomically; False if ``should_stop`` interrupted it (nothing left behind)."""
+    header, payload, _ = _describe(table, 0)
+    header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(MAGIC + struct.pack("<Q", len(header_bytes)) + header_bytes)
+            for part in payload:
+                view = memoryview(part).cast("B")
+                for start in range(0, len(view), _WRITE_SLICE):
+                    if should_stop():
+                        raise InterruptedError
+                    handle.write(view[start : start + _WRITE_SLICE])
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+        return True
+    except InterruptedError:
+        return False
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def read_table(path: Path, table_type: type[Table]) -> Table:
+    """Read and validate one table file; StateError says what is wrong."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise StateError(f"cannot read {path.name}: {exc.strerror or exc}") from None
+    if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 8:
+        raise StateError(f"{path.name} is not a table file of this version")
+    (header_length,) = struct.unpack_from("<Q", raw, len(MAGIC))
+    start = len(MAGIC) + 8
+    try:
+        header = json.loads(raw[start : start + header_length])
+    except ValueError:
+        raise StateError(f"{path.name}: damaged header") from None
+    body = memoryview(raw)[start + header_length :]
+    try:
+        return _table_from(header, body, table_type)
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise StateError(f"{path.name}: {exc}") from None
+
+
+def _buffer(body: memoryview, spec: Any) -> memoryview:
+    offset, length = int(spec[0]), int(spec[1])
+    if offset < 0 or length < 0 or offset + length > len(body):
+        raise ValueError("a column buffer lies outside the file")
+    return body[offset : offset + length]
+
+
+def _array(body: memoryview, spec: Any, dtype: np.dtype[Any], rows: int) -> np.ndarray[Any, Any]:
+    data = _buffer(body, spec)
+    if len(data) != rows * dtype.itemsize:
+        raise ValueError(f"a {dtype} column has {len(data)} bytes for {rows} rows")
+    return np.frombuffer(data, dtype=dtype)
+
+
+def _table_from(header: Mapping[str, Any], body: memoryview, table_type: type[Table]) -> Table:
+    if header.get("type") != table_type.__name__:
+        raise ValueError(f"holds a {header.get('type')}, expected {table_type.__name__}")
+    rows = int(header["rows"])
+    if rows < 0:
+        raise ValueError("negative row count")
+    described = {c["name"]: c for c in header["columns"]}
+    columns: dict[str, ColumnValue] = {}
+    for col in table_type.COLUMNS:
+        spec = described.get(col.name)
+        if spec is None or spec.get("kind") != col.kind:
+            raise ValueError(f"column {col.name} missing or of another kind")
+        columns[col.name] = _column(col, spec, body, rows)
+    children = {
+        name: _table_from(header["children"][name], body, child_type)
+        for name, child_type in table_type.CHILDREN.items()
+    }
+    return table_type(columns, children=children)
+
+
+def _column(col: Col, spec: Mapping[str, Any], body: memoryview, rows: int) -> ColumnValue:
+    buffers = spec["buffers"]
+    if col.kind in ("text", "bytes"):
+        data = bytes(_buffer(body, buffers[0]))
+        offsets = _array(body, buffers[1], np.dtype(np.int64), rows + 1)
+        if offsets[0] != 0 or offsets[-1] != len(data) or (np.diff(offsets) < 0).any():
+            raise ValueError(f"column {col.name}: offsets do not describe the text")
+        nulls = _array(body, buffers[2], np.dtype(np.bool_), rows) if spec.get("nulls") else None
+        return Blob(data, offsets, nulls, col.kind == "text")
+    if col.kind == "cat":
+        vocab = spec["vocab"]
+        if not isinstance(vocab, list) or not all(isinstance(v, str) for v in vocab):
+            raise ValueError(f"column {col.name}: vocabulary is not a list of strings")
+        codes = _array(body, buffers[0], np.dtype(np.int32), rows)
+        if len(codes) and (int(codes.min()) < -1 or int(codes.max()) >= len(vocab)):
+            raise ValueError(f"column {col.name}: code outside its vocabulary")
+        return Categorical(codes, tuple(vocab))
+    values = _array(body, buffers[0], NUMPY_KINDS[col.kind], rows)
+    if col.kind == "f8" and len(values):
+        finite = values[~np.isnan(values)]
+        if len(finite) and (np.abs(finite) > TIME_LIMIT).any():
+            raise ValueError(f"column {col.name}: a time outside years 1336..2603")
+    if col.kind == "i8" and col.name == "row" and len(values) and int(values.min()) < 0:
+        raise ValueError("negative row reference")
+    return values
+
+
+class FirstSeenTable(Table):
+    COLUMNS = (Col("key", "u64"), Col("stage", "i1"), Col("since", "f8"))
+    __slots__ = ()
+
+
+# ============================================================================ manifest
+def _finite_time(value: float | None) -> float | None:
+    if value is not None and (not math.isfinite(value) or abs(value) > TIME_LIMIT):
+        raise ValueError("not a plausible time")
+    return value
+
+
+class _SourceEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    up: bool
+    last_success: float | None = None
+    duration: float | None = Field(default=None, ge=0, le=1e7)
+    full_read_at: float | None = None
+    table: str | None = None  # file name in the table directory (tables)
+    data: dict[str, Any] | None = None  # inline JSON (small data: the organization)
+    meta: dict[str, Any] = Field(default_factory=dict)
+
+    _times = field_validator("last_success", "full_read_at")(_finite_time)
+
+    @field_validator("table")
+    @classmethod
+    def _plain_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value or "/" in value or value.startswith(".")):
+            raise ValueError("not a file name")
+        return value
+
+
+class _EstateEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    pipeline: str
+    sources: dict[str, _SourceEntry] = Field(default_factory=dict)
+    first_seen: str | None = None
+
+    @field_validator("pipeline")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in PIPELINES:
+            raise ValueError(f"unknown pipeline {value!r}")
+        return value
+
+
+class _Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    version: int
+    saved_at: float
+    label_key: str | None = None
+    estates: dict[str, _EstateEntry] = Field(default_factory=dict)
+
+
+_ORGANIZATION = TypeAdapter(OrganizationData)
+
+
+# ============================================================================ what is saved
 @dataclass
-class PersistedSource:
+class SourceState:
     data: SourceData
     up: bool
     last_success: float | None
     duration: float | None
+    full_read_at: float | None = None
 
 
 @dataclass
-class PersistedEstate:
-    sources: dict[SourceKind, PersistedSource] = field(default_factory=dict)
-    first_seen: dict[str, FirstSeen] = field(default_factory=dict)
+class EstateState:
+    pipeline: str
+    sources: dict[SourceKind, SourceState] = field(default_factory=dict)
+    first_seen: FirstSeen | None = None
 
 
-# ------------------------------------------------------------------------------ codec
-# Dataclasses are written as positional rows (lists), not objects with keys: a state file of a large
-# tenant is then several times smaller and faster to read. The field names of every type are stored
-# alongside as a schema; a file written by a version with other fields is ignored, never misread.
-Encoder = Callable[[Any], Any]
-Decoder = Callable[[Any], Any]
-_ENCODERS: dict[Any, Encoder] = {}
-_DECODERS: dict[Any, Decoder] = {}
+@dataclass
+class SavedState:
+    estates: dict[str, EstateState] = field(default_factory=dict)
+    label_key: str | None = None
 
 
-def _identity(value: Any) -> Any:
-    return value
-
-
-def _b64(value: bytes) -> str:
-    return binascii.b2a_base64(value, newline=False).decode("ascii")
-
-
-def _unb64(value: Any) -> bytes:
-    if not isinstance(value, str):
-        raise TypeError("expected base64 text")
-    return binascii.a2b_base64(value)
-
-
-def _primitive(cls: type) -> Decoder:
-    def check(value: Any) -> Any:
-        if cls is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if not isinstance(value, cls) or (cls is int and isinstance(value, bool)):
-            raise TypeError(f"expected {cls.__name__}, got {type(value).__name__}")
-        return value
-
-    return check
-
-
-def _optional_of(cls: Any) -> Any:
-    """X for ``X | None``; the model uses no other unions."""
-    options = [o for o in typing.get_args(cls) if o is not type(None)]
-    if len(options) != 1:
-        raise TypeError(f"unsupported union {cls}")
-    return options[0]
-
-
-def encoder_for(cls: Any) -> Encoder:
-    cached = _ENCODERS.get(cls)
-    if cached is not None:
-        return cached
-    origin = typing.get_origin(cls)
-    result: Encoder
-    if origin in (Union, types.UnionType):
-        inner = encoder_for(_optional_of(cls))
-        result = lambda v: None if v is None else inner(v)  # noqa: E731
-    elif origin is tuple:
-        item = encoder_for(typing.get_args(cls)[0])
-        result = lambda v: [item(x) for x in v]  # noqa: E731
-    elif dataclasses.is_dataclass(cls) and isinstance(cls, type):
-        hints = typing.get_type_hints(cls)
-        fields = [(f.name, encoder_for(hints[f.name])) for f in dataclasses.fields(cls)]
-        result = lambda v: [enc(getattr(v, name)) for name, enc in fields]  # noqa: E731
-    elif cls is bytes:
-        result = _b64
-    elif cls in (int, float, str, bool):
-        result = _identity
-    else:
-        raise TypeError(f"cannot encode {cls}")
-    _ENCODERS[cls] = result
-    return result
-
-
-def decoder_for(cls: Any) -> Decoder:
-    cached = _DECODERS.get(cls)
-    if cached is not None:
-        return cached
-    origin = typing.get_origin(cls)
-    result: Decoder
-    if origin in (Union, types.UnionType):
-        inner = decoder_for(_optional_of(cls))
-        result = lambda v: None if v is None else inner(v)  # noqa: E731
-    elif origin is tuple:
-        item = decoder_for(typing.get_args(cls)[0])
-
-        def result(v: Any) -> Any:
-            if not isinstance(v, list):
-                raise TypeError("expected a list")
-            return tuple(item(x) for x in v)
-
-    elif dataclasses.is_dataclass(cls) and isinstance(cls, type):
-        hints = typing.get_type_hints(cls)
-        decoders = [decoder_for(hints[f.name]) for f in dataclasses.fields(cls)]
-        target = cls
-
-        def result(v: Any) -> Any:
-            if not isinstance(v, list) or len(v) != len(decoders):
-                raise TypeError(f"expected a row of {len(decoders)} values for {target.__name__}")
-            return target(*[dec(x) for dec, x in zip(decoders, v, strict=True)])
-
-    elif cls is bytes:
-        result = _unb64
-    elif cls in (int, float, str, bool):
-        result = _primitive(cls)
-    else:
-        raise TypeError(f"cannot decode {cls}")
-    _DECODERS[cls] = result
-    return result
-
-
-def encode(value: Any) -> Any:
-    return encoder_for(type(value))(value)
-
-
-def decode(cls: Any, raw: Any) -> Any:
-    return decoder_for(cls)(raw)
-
-
-def schema(cls: Any, seen: set[Any] | None = None) -> dict[str, list[str]]:
-    """Field names of a dataclass and of every dataclass inside it."""
-    seen = set() if seen is None else seen
-    result: dict[str, list[str]] = {}
-    if cls in seen:
-        return result
-    seen.add(cls)
-    if typing.get_origin(cls) in (Union, types.UnionType, tuple):
-        for arg in typing.get_args(cls):
-            if arg is not Ellipsis:
-                result.update(schema(arg, seen))
-    elif dataclasses.is_dataclass(cls) and isinstance(cls, type):
-        hints = typing.get_type_hints(cls)
-        result[cls.__name__] = [f.name for f in dataclasses.fields(cls)]
-        for f in dataclasses.fields(cls):
-            result.update(schema(hints[f.name], seen))
-    return result
-
-
-SCHEMA = {kind: schema(cls) for kind, cls in DATA_TYPES.items()}
-
-
-# ------------------------------------------------------------------------------ the file
+# ============================================================================ the store
 class StateStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.directory = self.path.with_name(self.path.name + ".d")
+        self._lock = threading.Lock()
+        # content key of a table -> (the table, the file it was written to or restored from). A
+        # table whose columns did not change (only its meta, e.g. a new delta link) is not written
+        # again; its meta goes into the manifest.
+        self._written: dict[tuple[int, ...], tuple[Table, str]] = {}
 
-    def save(self, estates: Mapping[str, PersistedEstate], saved_at: float) -> None:
-        document = {
-            "version": STATE_VERSION,
-            "saved_at": saved_at,
-            "schema": SCHEMA,
-            "estates": {
-                name: {
-                    "sources": {
-                        kind: {
-                            "up": src.up,
-                            "last_success": src.last_success,
-                            "duration": src.duration,
-                            "data": encode(src.data),
-                        }
-                        for kind, src in estate.sources.items()
-                    },
-                    "first_seen": {key: [fs.stage, fs.since] for key, fs in estate.first_seen.items()},
-                }
-                for name, estate in estates.items()
-            },
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Write to a temporary file in the same directory and rename it over the old one, so a
-        # crash mid-write leaves the previous state intact.
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+    # ------------------------------------------------------------------ load
+    def load(self) -> SavedState:
+        """The persisted state; empty when there is no usable file (the reason is logged)."""
+        self._remove_leftovers()
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                # json.dumps uses the C encoder; json.dump to a file falls back to a slow pure-Python one.
-                handle.write(json.dumps(document, separators=(",", ":")))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
-    def load(self) -> dict[str, PersistedEstate]:
-        """The persisted estates; empty when there is no usable file (the reason is logged)."""
-        try:
-            document = json.loads(self.path.read_text(encoding="utf-8"))
+            text = self.path.read_bytes()
         except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable state file %s: %s", self.path, exc)
-            return {}
-        if not isinstance(document, dict) or document.get("version") != STATE_VERSION:
-            log.warning("ignoring state file %s: unknown format version", self.path)
-            return {}
-        if document.get("schema") != SCHEMA:
-            log.warning("ignoring state file %s: written by a version with other data fields", self.path)
-            return {}
-        result: dict[str, PersistedEstate] = {}
-        for name, raw_estate in (document.get("estates") or {}).items():
+            return SavedState()
+        except OSError as exc:
+            log.warning("ignoring unreadable state file %s: %s", self.path, exc.strerror or exc)
+            return SavedState()
+        try:
+            manifest = _Manifest.model_validate_json(text)
+        except ValidationError as exc:
+            log.warning("ignoring state file %s: %s", self.path, _first_error(exc))
+            return SavedState()
+        if manifest.version != STATE_VERSION:
+            log.warning(
+                "ignoring state file %s: format version %s, expected %s",
+                self.path,
+                manifest.version,
+                STATE_VERSION,
+            )
+            return SavedState()
+        result = SavedState(label_key=manifest.label_key)
+        for name, entry in manifest.estates.items():
             try:
-                result[name] = _load_estate(raw_estate)
-            except (TypeError, ValueError, KeyError) as exc:
-                log.warning("ignoring damaged state of estate %s in %s: %s", name, self.path, exc)
+                result.estates[name] = self._load_estate(entry)
+            except StateError as exc:
+                log.warning("state file %s: starting estate %s clean: %s", self.path, name, exc)
+        self._remove_unreferenced(manifest)
         return result
 
+    def _load_estate(self, entry: _EstateEntry) -> EstateState:
+        estate = EstateState(pipeline=entry.pipeline)
+        for kind, source in entry.sources.items():
+            info = SOURCE_REGISTRY.get(kind)  # type: ignore[call-overload]
+            if info is None:
+                continue
+            data = self._load_data(info.data_type, source)
+            estate.sources[info.kind] = SourceState(
+                data=data,
+                up=source.up,
+                last_success=source.last_success,
+                duration=source.duration,
+                full_read_at=source.full_read_at,
+            )
+        if entry.first_seen is not None:
+            table = read_table(self.directory / entry.first_seen, FirstSeenTable)
+            stages = table.array("stage")
+            if len(stages) and (
+                int(stages.min()) < 0 or int(stages.max()) >= len(PIPELINES[entry.pipeline].stages)
+            ):
+                raise StateError("first-seen stage out of range")
+            estate.first_seen = FirstSeen.from_rows(
+                entry.pipeline, table.array("key"), stages, table.array("since")
+            )
+            self._remember(table, entry.first_seen)
+        return estate
 
-def _load_estate(raw: dict[str, Any]) -> PersistedEstate:
-    estate = PersistedEstate()
-    for kind, raw_source in (raw.get("sources") or {}).items():
-        data_type = DATA_TYPES.get(kind)
-        if data_type is None:
-            continue
-        estate.sources[kind] = PersistedSource(
-            data=decode(data_type, raw_source["data"]),
-            up=bool(raw_source.get("up", True)),
-            last_success=raw_source.get("last_success"),
-            duration=raw_source.get("duration"),
-        )
-    for key, (stage, since) in (raw.get("first_seen") or {}).items():
-        if stage in STAGES:
-            estate.first_seen[key] = FirstSeen(stage, float(since))
-    return estate
+    def _load_data(self, data_type: type, entry: _SourceEntry) -> SourceData:
+        if data_type is OrganizationData:
+            if entry.data is None:
+                raise StateError("organization data missing")
+            try:
+                return _ORGANIZATION.validate_python(entry.data)
+            except ValidationError as exc:
+                raise StateError(f"organization data: {_first_error(exc)}") from None
+        if entry.table is None:
+            raise StateError(f"{data_type.__name__} without a table file")
+        table = read_table(self.directory / entry.table, data_type)
+        table.meta.update(entry.meta)
+        self._remember(table, entry.table)
+        return table  # type: ignore[return-value]
+
+    def _remember(self, table: Table, name: str) -> None:
+        with self._lock:
+            self._written[content_key(table)] = (table, name)
+
+    # ------------------------------------------------------------------ save
+    def save(
+        self, state: SavedState, saved_at: float, should_stop: Callable[[], bool] = lambda: False
+    ) -> bool:
+        """Write what changed and then the manifest; False when interrupted (the old state stays)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            os.chmod(self.directory, 0o700)
+        estates: dict[str, Any] = {}
+        keep: dict[tuple[int, ...], tuple[Table, str]] = {}
+        for name, estate in state.estates.items():
+            entry: dict[str, Any] = {"pipeline": estate.pipeline, "sources": {}}
+            for kind, source in estate.sources.items():
+                item: dict[str, Any] = {
+                    "up": source.up,
+                    "last_success": source.last_success,
+                    "duration": source.duration,
+                    "full_read_at": source.full_read_at,
+                }
+                if isinstance(source.data, Table):
+                    file_name = self._write(name, kind, source.data, keep, should_stop)
+                    if file_name is None:
+                        return False
+                    item["table"] = file_name
+                    item["meta"] = source.data.meta
+                else:
+                    item["data"] = _ORGANIZATION.dump_python(source.data, mode="json")
+                entry["sources"][kind] = item
+            if estate.first_seen is not None:
+                seen = estate.first_seen
+                table = _first_seen_table(seen)
+                file_name = self._write(name, "first-seen", table, keep, should_stop)
+                if file_name is None:
+                    return False
+                entry["first_seen"] = file_name
+            estates[name] = entry
+        manifest = {
+            "version": STATE_VERSION,
+            "saved_at": saved_at,
+            "label_key": state.label_key,
+            "estates": estates,
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(json.dumps(manifest, separators=(",", ":"), default=_json_default))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        with self._lock:
+            self._written = keep
+        self._remove_files_except({name for _, name in keep.values()})
+        return True
+
+    def _write(
+        self,
+        estate: str,
+        kind: str,
+        table: Table,
+        keep: dict[tuple[int, ...], tuple[Table, str]],
+        should_stop: Callable[[], bool],
+    ) -> str | None:
+        key = content_key(table)
+        with self._lock:
+            known = self._written.get(key)
+        if known is not None:
+            keep[key] = known
+            return known[1]
+        name = f"{_slug(estate)}-{kind}-{secrets.token_hex(6)}.tbl"
+        started = time.monotonic()
+        if not write_table(self.directory / name, table, should_stop):
+            return None
+        log.debug("wrote %s (%d rows) in %.2fs", name, table.n, time.monotonic() - started)
+        keep[key] = (table, name)
+        return name
+
+    # ------------------------------------------------------------------ housekeeping
+    def _remove_leftovers(self) -> None:
+        """Temporary files of a write that was killed."""
+        candidates = [self.path.with_name(self.path.name + ".tmp")]
+        if self.directory.is_dir():
+            candidates += list(self.directory.glob("*.tmp"))
+        for leftover in candidates:
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+                log.info("removed leftover temporary state file %s", leftover)
+
+    def _remove_unreferenced(self, manifest: _Manifest) -> None:
+        referenced: set[str] = set()
+        for estate in manifest.estates.values():
+            referenced.update(s.table for s in estate.sources.values() if s.table)
+            if estate.first_seen:
+                referenced.add(estate.first_seen)
+        self._remove_files_except(referenced)
+
+    def _remove_files_except(self, referenced: set[str]) -> None:
+        if not self.directory.is_dir():
+            return
+        for file in self.directory.glob("*.tbl"):
+            if file.name not in referenced:
+                with contextlib.suppress(OSError):
+                    file.unlink()
+
+
+def content_key(table: Table) -> tuple[int, ...]:
+    """Identity of a table's columns (tables are immutable: same column objects, same content)."""
+    key = tuple(id(value) for value in table.columns().values())
+    for child in table.children.values():
+        key += content_key(child)
+    return key
+
+
+def _first_seen_table(seen: FirstSeen) -> Table:
+    return FirstSeenTable(
+        {"key": seen.keys, "stage": seen.stage, "since": seen.since}, meta={"pipeline": seen.pipeline}
+    )
+
+
+def _slug(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)[:64]
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple | set | frozenset):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in the state manifest")
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors(include_input=False)[0]
+    location = ".".join(str(part) for part in error.get("loc", ()))
+    return f"{location}: {error.get('msg')}" if location else str(error.get("msg"))

@@ -35,7 +35,7 @@ from ldap3.utils.conv import escape_filter_chars
 
 from exporter.config import ActiveDirectoryConfig
 from exporter.ids import guid_bytes, sid_from_bytes
-from exporter.model import AdData, AdUser, SourceData, SourceKind
+from exporter.model import AdTable, AdTableBuilder, AdUser, SourceData, SourceKind
 from exporter.sources.base import ConfigurationError, SourceError
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,6 @@ BASE_ATTRIBUTES: tuple[str, ...] = (
     "sAMAccountName",
     "userPrincipalName",
     "whenCreated",
-    "userAccountControl",
-    "distinguishedName",
 )
 # LDAP result codes that mean "the server is there but cannot serve us right now".
 _UNAVAILABLE_CODES = {51, 52, 80}  # busy, unavailable, other (AD's "server is shutting down")
@@ -191,7 +189,6 @@ def user_from_raw(raw: Mapping[str, list[bytes]], dn: str, source_anchor: str) -
         # AAD Connect falls back to objectGUID for users whose consistency GUID is not set yet.
         anchor = _first(raw, CONSISTENCY_GUID) or guid
     created = _text(raw, "whenCreated")
-    uac = _text(raw, "userAccountControl")
     return AdUser(
         object_guid=guid,
         object_sid=sid_from_bytes(sid_raw),
@@ -199,8 +196,6 @@ def user_from_raw(raw: Mapping[str, list[bytes]], dn: str, source_anchor: str) -
         user_principal_name=_text(raw, "userPrincipalName"),
         source_anchor=anchor,
         when_created=generalized_time_seconds(created) if created else None,
-        user_account_control=int(uac) if uac else 0,
-        distinguished_name=_text(raw, "distinguishedName") or dn,
     )
 
 
@@ -517,18 +512,19 @@ class ActiveDirectorySource:
         return conn
 
     # -- refresh ----------------------------------------------------------------------------
-    def refresh(self, previous: SourceData | None) -> AdData:
+    def refresh(self, previous: SourceData | None, deadline: float | None = None) -> AdTable:
         # Always a full read; ``previous`` would be the base of a uSNChanged incremental read.
         cfg = self.config
         skipped = _SkippedEntries()
         try:
             conn = self._open()
             domain = self._netbios(conn)
-            users = tuple(
-                stream_users(
-                    conn, cfg.search_bases, cfg.user_filter, cfg.source_anchor, cfg.page_size, skipped
-                )
-            )
+            builder = AdTableBuilder(domain)
+            for user in stream_users(
+                conn, cfg.search_bases, cfg.user_filter, cfg.source_anchor, cfg.page_size, skipped
+            ):
+                builder.add(user)
+            users = builder.build()
         except SourceError as exc:
             raise self._scrubbed(exc) from None
         except _BaseNotFound as exc:
@@ -556,7 +552,8 @@ class ActiveDirectorySource:
                 skipped.count,
                 skipped.example,
             )
-        return AdData(users=users, netbios_domain=domain)
+        users.meta["read"] = "full"
+        return users.prepare()
 
     def _netbios(self, conn: ldap3.Connection) -> str:
         if self._netbios_domain:

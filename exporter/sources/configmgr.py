@@ -31,7 +31,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from types import ModuleType
@@ -39,7 +39,7 @@ from typing import Any
 
 from exporter.config import ConfigMgrConfig
 from exporter.ids import epoch_seconds, guid_bytes, guid_text, sid_text
-from exporter.model import CmComponent, CmUser, ConfigMgrData, ErrorReason, SourceData, SourceKind
+from exporter.model import CmComponent, CmTable, CmTableBuilder, CmUser, ErrorReason, SourceData, SourceKind
 from exporter.odbc import attribute_value as _first
 from exporter.odbc import (
     build_connection_string,
@@ -69,15 +69,13 @@ USER_COLUMNS: tuple[str, ...] = (
     "ResourceID",
     "Unique_User_Name0",
     "User_Principal_Name0",
-    "Full_User_Name0",
     "SID0",
     "Object_GUID0",
-    "User_Account_Control0",
     "Creation_Date0",
     "CloudUserId",
 )
 COLLECTION_COLUMNS: tuple[str, ...] = ("CollectionID", "CollectionType")
-MEMBER_COLUMNS: tuple[str, ...] = ("ResourceID",)
+MEMBER_COLUMNS: tuple[str, ...] = ("CollectionID", "ResourceID")
 COMPONENT_COLUMNS: tuple[str, ...] = ("SiteCode", "MachineName", "ComponentName", "Status", "TallyInterval")
 
 
@@ -94,7 +92,7 @@ def collections_sql(count: int) -> str:
 
 def members_sql(count: int) -> str:
     return (
-        "SELECT DISTINCT ResourceID FROM v_FullCollectionMembership"
+        "SELECT DISTINCT CollectionID, ResourceID FROM v_FullCollectionMembership"
         f" WHERE ResourceType = {USER_RESOURCE_TYPE} AND CollectionID IN ({_placeholders(count)})"
     )
 
@@ -212,7 +210,10 @@ def timestamp(value: object, column: str) -> float | None:
         raise RowError(column, str(exc)) from None
 
 
-def user_from_row(values: Sequence[Any], index: dict[str, int], members: frozenset[int] | set[int]) -> CmUser:
+Members = Mapping[int, tuple[str, ...]]  # ResourceID -> the configured collections it is a member of
+
+
+def user_from_row(values: Sequence[Any], index: dict[str, int], members: Members) -> CmUser:
     """One v_R_User row as a CmUser; raises RowError when a value cannot be converted."""
     resource_id = _integer(values[index["ResourceID"]], "ResourceID")
     if resource_id is None:
@@ -221,13 +222,11 @@ def user_from_row(values: Sequence[Any], index: dict[str, int], members: frozens
         resource_id=resource_id,
         unique_user_name=_text(values[index["Unique_User_Name0"]], "Unique_User_Name0"),
         user_principal_name=_text(values[index["User_Principal_Name0"]], "User_Principal_Name0"),
-        full_user_name=_text(values[index["Full_User_Name0"]], "Full_User_Name0"),
         sid=security_identifier(values[index["SID0"]]),
         object_guid=object_guid(values[index["Object_GUID0"]]),
-        user_account_control=_integer(values[index["User_Account_Control0"]], "User_Account_Control0"),
         creation_date=timestamp(values[index["Creation_Date0"]], "Creation_Date0"),
         cloud_user_id=cloud_user_id(values[index["CloudUserId"]]),
-        in_intune_collection=resource_id in members,
+        collections=members.get(resource_id, ()),
     )
 
 
@@ -391,7 +390,7 @@ class ConfigMgrSource:
     def describe(self) -> str:
         return f"configmgr {self._target}"
 
-    def refresh(self, previous: SourceData | None) -> ConfigMgrData:
+    def refresh(self, previous: SourceData | None, deadline: float | None = None) -> CmTable:
         """Read everything afresh (``previous`` is not needed: one full read is cheap enough)."""
         with self._lock:
             self._cancelled = False
@@ -454,7 +453,7 @@ class ConfigMgrSource:
             )
 
     # -- reading
-    def _read(self, pyodbc: ModuleType) -> ConfigMgrData:
+    def _read(self, pyodbc: ModuleType) -> CmTable:
         self.last_skipped_rows = 0
         phase = "connecting"
         connection: Any = None
@@ -468,10 +467,13 @@ class ConfigMgrSource:
             phase = "reading v_FullCollectionMembership"
             members = self._read_members(connection)
             phase = "reading v_R_User"
-            users = self._read_users(connection, members)
+            builder = CmTableBuilder(self._collection_ids)
+            self._read_users(connection, members, builder)
             phase = "reading v_ComponentSummarizer"
-            components = self._read_components(connection)
-            return ConfigMgrData(users=users, components=components)
+            builder.components = list(self._read_components(connection))
+            table = builder.build()
+            table.meta["read"] = "full"
+            return table.prepare()
         except pyodbc.Error as exc:
             raise self._translate(exc, phase) from None
         except MalformedResultError as exc:
@@ -563,46 +565,46 @@ class ConfigMgrSource:
                     f"(CollectionType {found[collection_id]!r})",
                 )
 
-    def _read_members(self, connection: Any) -> frozenset[int]:
+    def _read_members(self, connection: Any) -> Members:
         ids = self._collection_ids
         if not ids:
-            return frozenset()
+            return {}
         cursor = self._execute(connection, members_sql(len(ids)), ids)
-        position = column_index(cursor.description, MEMBER_COLUMNS, "v_FullCollectionMembership")[
-            "ResourceID"
-        ]
-        members: set[int] = set()
+        index = column_index(cursor.description, MEMBER_COLUMNS, "v_FullCollectionMembership")
+        members: dict[int, set[str]] = {}
         skipped = 0
         for row in self._rows(cursor):
             try:
-                resource_id = _integer(row[position], "ResourceID")
+                resource_id = _integer(row[index["ResourceID"]], "ResourceID")
+                collection = _text(row[index["CollectionID"]], "CollectionID")
             except RowError:
                 resource_id = None
-            if resource_id is None:
+                collection = None
+            if resource_id is None or collection is None:
                 skipped += 1
             else:
-                members.add(resource_id)
+                members.setdefault(resource_id, set()).add(collection.upper())
         if skipped:
             log.warning(
                 "%s: skipped %d membership rows without a usable ResourceID", self.describe(), skipped
             )
-        return frozenset(members)
+        return {rid: tuple(sorted(names)) for rid, names in members.items()}
 
-    def _read_users(self, connection: Any, members: frozenset[int]) -> tuple[CmUser, ...]:
+    def _read_users(self, connection: Any, members: Members, users: CmTableBuilder) -> None:
+        """Stream v_R_User into the table builder (no list of records is ever held)."""
         cursor = self._execute(connection, USERS_SQL, ())
         index = column_index(cursor.description, USER_COLUMNS, "v_R_User")
-        users: list[CmUser] = []
         skipped = 0
         first_problem = ""
         for row in self._rows(cursor):
             try:
-                users.append(user_from_row(row, index, members))
+                users.add(user_from_row(row, index, members))
             except RowError as exc:
                 skipped += 1
                 if not first_problem:
                     first_problem = f"ResourceID {_short(row[index['ResourceID']])}, {_short(str(exc), 200)}"
         self.last_skipped_rows = skipped
-        if skipped and not users:
+        if skipped and not users.rows:
             raise self._fail(
                 "data", f"none of the {skipped} v_R_User rows could be converted (first: {first_problem})"
             )
@@ -613,7 +615,6 @@ class ConfigMgrSource:
                 skipped,
                 first_problem,
             )
-        return tuple(users)
 
     def _read_components(self, connection: Any) -> tuple[CmComponent, ...]:
         cursor = self._execute(connection, COMPONENTS_SQL, COMPONENT_NAMES)

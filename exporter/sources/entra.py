@@ -22,7 +22,8 @@ from exporter.config import EntraConfig
 from exporter.ids import epoch_seconds, guid_text, sid_text
 from exporter.model import (
     AssignedLicense,
-    EntraData,
+    EntraTable,
+    EntraTableBuilder,
     EntraUser,
     HttpStats,
     OrganizationData,
@@ -85,24 +86,19 @@ class EntraUsersSource(_GraphSource):
 
     kind: SourceKind = "entra"
 
-    def refresh(self, previous: SourceData | None) -> EntraData:
-        # Always a full read for now. An incremental read would start here: keep the
-        # @odata.deltaLink of GET /v1.0/users/delta next to `previous`, call it, and merge the
-        # changed users (and `@removed` ones) into previous.users. parse_user() already takes
-        # any user object, so only the paging and the merge would be new.
+    def refresh(self, previous: SourceData | None, deadline: float | None = None) -> EntraTable:
+        # Always a full read for now (incremental reads via /users/delta come with issue 13).
         return self.full_read()
 
-    def full_read(self) -> EntraData:
+    def full_read(self) -> EntraTable:
         budget = self.client.new_budget()
-        synced: list[EntraUser] = []
-        records = 0
+        builder = EntraTableBuilder()
         for page in self.client.get_pages("users", self.users_url(), budget):
-            records += len(page)
             for item in page:
-                user = self._parse(item)
-                if user.on_premises_sync_enabled:
-                    synced.append(user)
-        return EntraData(users=tuple(synced), records=records)
+                builder.add(self._parse(item))
+        table = builder.build()
+        table.meta["read"] = "full"
+        return table.prepare()
 
     def users_url(self) -> str:
         query = urlencode({"$select": ",".join(USER_PROPERTIES), "$top": self.config.page_size}, safe="$,")
@@ -120,7 +116,7 @@ class EntraOrganizationSource(_GraphSource):
 
     kind: SourceKind = "entra_organization"
 
-    def refresh(self, previous: SourceData | None) -> OrganizationData:
+    def refresh(self, previous: SourceData | None, deadline: float | None = None) -> OrganizationData:
         budget = self.client.new_budget()
         query = urlencode({"$select": ",".join(ORGANIZATION_PROPERTIES)}, safe="$,")
         organization_url = self.client.url(f"/v1.0/organization?{query}")
@@ -166,7 +162,6 @@ def parse_user(item: dict[str, Any]) -> EntraUser:
         on_premises_sync_enabled=_bool(item, "onPremisesSyncEnabled", what) is True,
         on_premises_immutable_id=_str(item, "onPremisesImmutableId", what),
         on_premises_security_identifier=_sid(item, "onPremisesSecurityIdentifier", what),
-        on_premises_sam_account_name=_str(item, "onPremisesSamAccountName", what),
         created=_time(item, "createdDateTime", what),
         account_enabled=_bool(item, "accountEnabled", what),
         provisioning_error_categories=tuple(
@@ -213,8 +208,6 @@ def parse_sku(item: dict[str, Any]) -> SubscribedSku:
     return SubscribedSku(
         sku_id=sku_id,
         sku_part_number=_str(item, "skuPartNumber", what) or "",
-        capability_status=_str(item, "capabilityStatus", what) or "",
-        applies_to=_str(item, "appliesTo", what) or "",
         # As Graph says: consumed units can exceed the enabled ones and that is worth seeing.
         consumed_units=_int(item, "consumedUnits", what),
         prepaid_enabled=_int(prepaid, "enabled", what),
@@ -242,7 +235,6 @@ def parse_subscription(item: dict[str, Any]) -> Subscription:
         status=_str(item, "status", what) or "",
         is_trial=_bool(item, "isTrial", what) is True,
         total_licenses=_int(item, "totalLicenses", what),
-        created=_time(item, "createdDateTime", what),
         next_lifecycle=_time(item, "nextLifecycleDateTime", what),
     )
 

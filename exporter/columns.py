@@ -1,0 +1,307 @@
+"""Compact columns for tables of hundreds of thousands of users.
+
+A Python object per user and field costs 50-100 bytes of overhead; a 500,000-user estate held as
+objects needs gigabytes and makes every garbage collection crawl over millions of objects. Tables
+therefore keep each field as one numpy array, or, for text, as one UTF-8 buffer plus offsets
+(:class:`Blob`). Joins compare 64-bit keys (:func:`text_keys`, :func:`guid_keys`) through sorted
+indexes (:class:`SortedIndex`), so a whole estate is evaluated with a handful of vectorised
+operations instead of a Python loop per user.
+
+Keys are hashes: two different identifiers share a key with probability 2^-64 per pair (about
+1e-7 for a million users); the identifiers themselves are kept for display and look-ups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.generic]
+U64 = npt.NDArray[np.uint64]
+I64 = npt.NDArray[np.int64]
+Bools = npt.NDArray[np.bool_]
+Floats = npt.NDArray[np.float64]
+
+NO_KEY = 0  # the key of a missing identifier; never matches anything
+GUID = np.dtype("V16")
+ROW = np.int64  # row numbers; -1 means "no row"
+MAX_TEXT_BYTES = 1024  # longer backend values are cut: no identifier is that long, garbage can be
+
+
+# ------------------------------------------------------------------------------------ keys
+def _digest(value: bytes) -> bytes:
+    return hashlib.blake2b(value, digest_size=8).digest()
+
+
+_NO_DIGEST = bytes(8)
+
+
+def _keys_from_digests(digests: list[bytes]) -> U64:
+    keys = np.frombuffer(b"".join(digests), dtype="<u8").astype(np.uint64)
+    keys[keys == NO_KEY] = 1  # 0 is reserved for "no identifier" (probability 2^-64)
+    return keys
+
+
+def text_key(value: str | None, *, fold: bool = True) -> int:
+    """The key of one identifier, as :func:`text_keys` computes it."""
+    return int(text_keys([value], fold=fold)[0])
+
+
+def text_keys(values: Iterable[str | None], *, fold: bool = True) -> U64:
+    """64-bit keys of text identifiers; case-insensitive (casefolded) unless ``fold`` is false.
+
+    Missing or empty values get NO_KEY. Deterministic across processes (unlike ``hash()``), so keys
+    can be persisted and compared between the exporter and the ``trace`` command.
+    """
+    digests: list[bytes] = []
+    missing: list[int] = []
+    for position, value in enumerate(values):
+        if value:
+            digests.append(_digest((value.casefold() if fold else value).encode("utf-8", "surrogatepass")))
+        else:
+            digests.append(_NO_DIGEST)
+            missing.append(position)
+    keys = _keys_from_digests(digests)
+    keys[missing] = NO_KEY
+    return keys
+
+
+def guid_keys(guids: Array, present: Bools | None = None) -> U64:
+    """64-bit keys of 16-byte GUIDs (vectorised); rows where ``present`` is false get NO_KEY."""
+    if len(guids) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    halves = np.ascontiguousarray(guids).view("<u8").reshape(-1, 2)
+    with np.errstate(over="ignore"):
+        mixed = halves[:, 0] * np.uint64(0x9E3779B97F4A7C15) ^ halves[:, 1]
+        mixed ^= mixed >> np.uint64(31)
+        mixed *= np.uint64(0xBF58476D1CE4E5B9)
+        mixed ^= mixed >> np.uint64(29)
+    keys = mixed.astype(np.uint64)
+    keys[keys == NO_KEY] = 1
+    if present is not None:
+        keys[~present] = NO_KEY
+    return keys
+
+
+def guid_array(values: Sequence[bytes | None]) -> tuple[Array, Bools]:
+    """A GUID column and its "present" mask from 16-byte values (None for missing)."""
+    raw = b"".join(v if v is not None else bytes(16) for v in values)
+    present = np.fromiter((v is not None for v in values), dtype=np.bool_, count=len(values))
+    return np.frombuffer(raw, dtype=GUID).copy(), present
+
+
+def guid_bytes_at(column: Array, row: int) -> bytes:
+    return bytes(column[row].tobytes())
+
+
+def guid_order_key(guids: Array) -> tuple[U64, U64]:
+    """(high, low) halves as big-endian integers: sorting by them sorts GUIDs as their bytes."""
+    halves = np.ascontiguousarray(guids).view(">u8").reshape(-1, 2)
+    return halves[:, 0].astype(np.uint64), halves[:, 1].astype(np.uint64)
+
+
+# ------------------------------------------------------------------------------------ text
+def _clip(value: bytes) -> bytes:
+    if len(value) <= MAX_TEXT_BYTES:
+        return value
+    return value[:MAX_TEXT_BYTES].decode("utf-8", "ignore").encode("utf-8")
+
+
+@dataclass(frozen=True, eq=False)
+class Blob:
+    """Variable-length values (UTF-8 text or raw bytes) in one buffer with offsets; None allowed."""
+
+    data: bytes
+    offsets: I64  # len n + 1, non-decreasing, offsets[0] == 0, offsets[-1] == len(data)
+    nulls: Bools | None = None  # True where the value is None (no array when nothing is None)
+    text: bool = True
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def raw(self, row: int) -> bytes | None:
+        if self.nulls is not None and self.nulls[row]:
+            return None
+        return self.data[int(self.offsets[row]) : int(self.offsets[row + 1])]
+
+    def get(self, row: int) -> str | None:
+        value = self.raw(row)
+        if value is None:
+            return None
+        return value.decode("utf-8", "replace")
+
+    def value(self, row: int) -> str | bytes | None:
+        return self.get(row) if self.text else self.raw(row)
+
+    def values(self) -> list[str | bytes | None]:
+        return [self.value(i) for i in range(len(self))]
+
+    def null_mask(self) -> Bools:
+        if self.nulls is None:
+            return np.zeros(len(self), dtype=np.bool_)
+        return self.nulls
+
+    def take(self, rows: I64) -> Blob:
+        """The values of ``rows`` (in that order) as a new Blob."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts = self.offsets[:-1][rows]
+        lengths = self.offsets[1:][rows] - starts
+        nulls = None if self.nulls is None else self.nulls[rows]
+        if len(rows) == 0:
+            return Blob(b"", np.zeros(1, dtype=np.int64), None, self.text)
+        chars = np.frombuffer(self.data, dtype=np.uint8)
+        new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=new_offsets[1:])
+        total = int(new_offsets[-1])
+        if total == 0:
+            data = b""
+        else:
+            # Position of every output byte in the source buffer, built without a Python loop.
+            shift = np.repeat(starts - new_offsets[:-1], lengths)
+            data = chars[np.arange(total, dtype=np.int64) + shift].tobytes()
+        if nulls is not None and not nulls.any():
+            nulls = None
+        return Blob(data, new_offsets, nulls, self.text)
+
+    @staticmethod
+    def concat(parts: Sequence[Blob]) -> Blob:
+        text = parts[0].text if parts else True
+        offsets = [np.zeros(1, dtype=np.int64)]
+        base = 0
+        for part in parts:
+            offsets.append(part.offsets[1:] + base)
+            base += len(part.data)
+        any_nulls = any(p.nulls is not None for p in parts)
+        nulls = np.concatenate([p.null_mask() for p in parts]) if any_nulls else None
+        return Blob(b"".join(p.data for p in parts), np.concatenate(offsets), nulls, text)
+
+    @staticmethod
+    def from_values(values: Iterable[str | bytes | None], *, text: bool = True) -> Blob:
+        builder = BlobBuilder(text=text)
+        for value in values:
+            builder.append(value)
+        return builder.build()
+
+
+class BlobBuilder:
+    """Appends values one at a time; compacts every few thousand so Python objects never pile up."""
+
+    _CHUNK = 8192
+
+    def __init__(self, *, text: bool = True) -> None:
+        self.text = text
+        self._chunks: list[Blob] = []
+        self._values: list[bytes] = []
+        self._lengths: list[int] = []
+        self._nulls: list[bool] = []
+        self._any_null = False
+
+    def append(self, value: str | bytes | None) -> None:
+        if value is None:
+            encoded = b""
+            self._any_null = True
+        else:
+            encoded = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value)
+            encoded = _clip(encoded)
+        self._values.append(encoded)
+        self._lengths.append(len(encoded))
+        self._nulls.append(value is None)
+        if len(self._values) >= self._CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._values:
+            return
+        offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
+        np.cumsum(np.asarray(self._lengths, dtype=np.int64), out=offsets[1:])
+        nulls = np.asarray(self._nulls, dtype=np.bool_) if self._any_null else None
+        self._chunks.append(Blob(b"".join(self._values), offsets, nulls, self.text))
+        self._values, self._lengths, self._nulls, self._any_null = [], [], [], False
+
+    def build(self) -> Blob:
+        self._flush()
+        if not self._chunks:
+            return Blob(b"", np.zeros(1, dtype=np.int64), None, self.text)
+        if len(self._chunks) == 1:
+            return self._chunks[0]
+        return Blob.concat(self._chunks)
+
+
+# ------------------------------------------------------------------------------------ joins
+@dataclass(frozen=True, eq=False)
+class SortedIndex:
+    """Rows of a table ordered by one key column, for vectorised look-ups.
+
+    Rows without a key (NO_KEY) are left out. Among rows sharing a key the first in ``order`` wins
+    a look-up, so a caller that wants a preference (e.g. "the record that got furthest") passes a
+    ``preference`` ranking: lower ranks come first.
+    """
+
+    keys: U64  # sorted
+    order: I64  # the row of each entry of `keys`
+
+    @staticmethod
+    def build(keys: U64, preference: npt.NDArray[np.int64] | None = None) -> SortedIndex:
+        rows = np.flatnonzero(keys != NO_KEY).astype(np.int64)
+        if preference is not None:
+            rows = rows[np.argsort(preference[rows], kind="stable")]
+        ordered = rows[np.argsort(keys[rows], kind="stable")]
+        return SortedIndex(keys=keys[ordered], order=ordered)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def lookup(self, probe: U64) -> I64:
+        """For each probe key, the preferred row with that key, or -1."""
+        result = np.full(len(probe), -1, dtype=np.int64)
+        if len(self.keys) == 0 or len(probe) == 0:
+            return result
+        position = np.searchsorted(self.keys, probe, side="left")
+        clipped = np.minimum(position, len(self.keys) - 1)
+        hit = (self.keys[clipped] == probe) & (probe != NO_KEY)
+        result[hit] = self.order[clipped[hit]]
+        return result
+
+    def lookup_sorted(self, probe: SortedIndex, size: int) -> I64:
+        """Like :meth:`lookup` for every row of another table (``size`` rows) given that table's
+        own index of the probe key: both sides sorted makes the search cache-friendly."""
+        result = np.full(size, -1, dtype=np.int64)
+        if len(self.keys) == 0 or len(probe.keys) == 0:
+            return result
+        position = np.searchsorted(self.keys, probe.keys, side="left")
+        clipped = np.minimum(position, len(self.keys) - 1)
+        hit = self.keys[clipped] == probe.keys
+        result[probe.order[hit]] = self.order[clipped[hit]]
+        return result
+
+    def contains(self, probe: U64) -> Bools:
+        if len(self.keys) == 0 or len(probe) == 0:
+            return np.zeros(len(probe), dtype=np.bool_)
+        position = np.searchsorted(self.keys, probe, side="left")
+        clipped = np.minimum(position, len(self.keys) - 1)
+        return (self.keys[clipped] == probe) & (probe != NO_KEY)
+
+    def rows_with(self, key: int) -> I64:
+        """Every row with this key, in preference order."""
+        if key == NO_KEY or len(self.keys) == 0:
+            return np.zeros(0, dtype=np.int64)
+        target = np.uint64(key)
+        low = np.searchsorted(self.keys, target, side="left")
+        high = np.searchsorted(self.keys, target, side="right")
+        return self.order[low:high]
+
+
+def safe_take(values: Array, rows: I64, fill: Any) -> Array:
+    """values[rows] where rows may be -1 (giving ``fill``)."""
+    if len(values) == 0:
+        return np.full(len(rows), fill, dtype=values.dtype)
+    taken = values[np.maximum(rows, 0)]
+    if (rows < 0).any():
+        taken = taken.copy()
+        taken[rows < 0] = fill
+    return taken
