@@ -90,7 +90,8 @@ MIN_USER_LABEL_KEY_LENGTH = 16
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 _ESTATE_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _THUMBPRINT = re.compile(r"^[0-9A-Fa-f:]{40,95}$")
-_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # in a secret file
+_TEXT_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # in any other value
 
 Loc = tuple[str | int, ...]
 Problem = tuple[Loc, str]
@@ -259,6 +260,8 @@ def _text(value: Any) -> str:
     text = value if isinstance(value, str) else _shown(value)
     if len(text) > MAX_TEXT_LENGTH:
         _fail(f"is too long ({len(text)} characters, at most {MAX_TEXT_LENGTH})")
+    if _TEXT_CONTROL_CHARACTERS.search(text):
+        _fail(f"must not contain control characters (line breaks, NUL...), got {_shown(text)}")
     return text
 
 
@@ -343,6 +346,8 @@ class Seconds(_Rule):
         if isinstance(value, bool) or not isinstance(value, str | int):
             _fail(f"must be a duration like 30s, 5m or 2h, got {_shown(value)}")
         text = _shown(value) if isinstance(value, int) else value
+        if text.strip().isdigit() and text.strip() != "0" and len(text.strip()) < 20:
+            _fail(f"needs a unit, like {text.strip()}s or {text.strip()}m (Prometheus duration syntax)")
         try:
             seconds = parse_duration(text)
         except ValueError as exc:
@@ -400,22 +405,27 @@ class Names(_Rule):
         return tuple(value)
 
 
+def _short(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _resolve_file(name: str, context: _FileContext) -> Path:
     """The path of a file that must exist and be a regular file (never opened here: a FIFO or a
     device would block or never end)."""
+    shown = _short(name)
     path = Path(name)
     if not path.is_absolute():
         path = context.base_dir / path
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
-        _fail(f"file not found: {name}")
+        _fail(f"file not found: {shown}")
     except ValueError:  # an embedded NUL byte
         _fail(f"not a valid file name: {_shown(name)}")
     except OSError as exc:
-        _fail(f"cannot read {name}: {exc.strerror or exc}")
+        _fail(f"cannot read {shown}: {exc.strerror or exc}")
     if not stat.S_ISREG(mode):
-        _fail(f"not a regular file: {name}")
+        _fail(f"not a regular file: {shown}")
     return path
 
 
@@ -428,6 +438,26 @@ class ExistingFile(_Rule):
         if not text.strip():
             _fail("must not be empty")
         return str(_resolve_file(text, context))
+
+
+@dataclasses.dataclass(frozen=True)
+class WritableFile(_Rule):
+    """A file the exporter writes: it need not exist, but its directory must, and it must not be
+    a directory or a device."""
+
+    def check(self, value: Any, context: _FileContext) -> str:
+        text = _text(value)
+        if not text.strip():
+            _fail("must not be empty (leave the key out to run without one)")
+        path = Path(text)
+        try:
+            if path.exists() and not path.is_file():
+                _fail(f"not a regular file: {_short(text)}")
+            if not path.parent.is_dir():
+                _fail(f"directory {_short(str(path.parent))} does not exist")
+        except OSError as exc:
+            _fail(f"cannot use {_short(text)}: {exc.strerror or exc}")
+        return text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,9 +537,12 @@ BoolFlag = Annotated[bool, Flag()]
 def _read_secret_file(value: Any, context: _FileContext) -> str:
     if isinstance(value, _MissingEnv):
         _fail(value.message)
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):
         _fail(f"must be the name of a file, got {_kind(value)}")
+    if not value.strip():
+        _fail("must not be empty")
     path = _resolve_file(value, context)
+    value = _short(value)
     try:
         with path.open("rb") as handle:
             data = handle.read(MAX_SECRET_FILE_BYTES + 1)
@@ -925,8 +958,10 @@ class Config(_Section):
         description="A source reading incrementally does a full read again after this long "
         "(0s = every refresh is a full read; at most 7d).",
     )
-    state_file: Annotated[str, Text(non_blank=True)] | None = Field(
-        default=None, description="Persisted snapshot, first-seen times and incremental state; omit for none."
+    state_file: Annotated[str, WritableFile()] | None = Field(
+        default=None,
+        description="Persisted snapshot, first-seen times and incremental state (its directory must "
+        "exist); omit for none.",
     )
     stuck_users_listed: Annotated[int, Count(0, 10_000)] = Field(
         default=25, description="Max series of intune_provisioning_stuck_user_info."
@@ -1051,6 +1086,11 @@ def _read_yaml(file: Path, text: str) -> Any:
         if root is not None:
             _check_yaml_tree(root)
         return yaml.safe_load(text)
+    except yaml.reader.ReaderError as exc:
+        character = f"0x{exc.character:02x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise ConfigError(
+            [f"--config.file: not valid YAML: character {character} at offset {exc.position} is not allowed"]
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -1058,8 +1098,8 @@ def _read_yaml(file: Path, text: str) -> Any:
         raise ConfigError(
             [f"--config.file: not valid YAML{where}" + (f": {reason}" if reason else "")]
         ) from None
-    except ValueError as exc:  # e.g. an integer of more than 4300 digits
-        raise ConfigError([f"--config.file: not valid YAML: {_shown(str(exc), 120)}"]) from None
+    except ValueError:  # PyYAML hands int() a number of more than 4300 digits
+        raise ConfigError(["--config.file: not valid YAML: a number with thousands of digits"]) from None
     except RecursionError:
         raise ConfigError(["--config.file: not valid YAML: nested too deeply"]) from None
 
@@ -1078,17 +1118,17 @@ def _check_yaml_tree(root: yaml.Node) -> None:
         on_path.add(id(node))
         total = 1
         if isinstance(node, yaml.MappingNode):
-            first_line: dict[tuple[str, str], int] = {}
+            first_seen: dict[tuple[str, str], tuple[int, int]] = {}
             for key_node, value_node in node.value:
                 key = (key_node.tag, str(key_node.value)) if isinstance(key_node, yaml.ScalarNode) else None
                 child_path = (*path, str(key_node.value)) if key else path
                 if key is not None and key_node.tag != "tag:yaml.org,2002:merge":
-                    line = key_node.start_mark.line + 1
-                    if key in first_line:
-                        raise ConfigError(
-                            [f"{_path(child_path)}: duplicate key (at lines {first_line[key]} and {line})"]
-                        )
-                    first_line[key] = line
+                    mark = key_node.start_mark
+                    where = (mark.line + 1, mark.column + 1)
+                    if key in first_seen:
+                        places = _places(first_seen[key], where)
+                        raise ConfigError([f"{_path(child_path)}: duplicate key ({places})"])
+                    first_seen[key] = where
                 total += size(key_node, path) + size(value_node, child_path)
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
@@ -1102,3 +1142,9 @@ def _check_yaml_tree(root: yaml.Node) -> None:
         return total
 
     size(root, ())
+
+
+def _places(first: tuple[int, int], second: tuple[int, int]) -> str:
+    if first[0] == second[0]:
+        return f"line {first[0]}, columns {first[1]} and {second[1]}"
+    return f"lines {first[0]} and {second[0]}"
