@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from exporter.pipelines.definitions import CLOUD, HYBRID_MDM, PIPELINES
 from tests.alerts.support import (
     EXAMPLES_DIR,
     ManagedProcess,
@@ -37,7 +38,7 @@ START_TIMEOUT = 30.0
 # Prometheus scrapes ~5 s after start, then two 1-second evaluations and Alertmanager's 1 s
 # group_wait: a page usually arrives within 10 s.
 PAGE_TIMEOUT = 40.0
-WAITING_STAGES = ("ad_created", "entra_synced", "cm_discovered", "in_intune_collection", "connector_synced")
+WAITING_STAGES = HYBRID_MDM.waiting_stages
 
 
 # ------------------------------------------------------------------------------------- webhook
@@ -310,3 +311,98 @@ def test_stuck_users_are_paged_by_name_through_prometheus_and_alertmanager(
     print(
         f"first stuck-user page after {seconds_to_page:.1f}s; whole check {time.monotonic() - started:.1f}s"
     )
+
+
+# ------------------------------------------------------------------------- reasons and the cloud chain
+def estates_by_pipeline(metrics_text: str) -> dict[str, set[str]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    estates: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "intune_provisioning_pipeline_info":
+                estates.setdefault(sample.labels["pipeline"], set()).add(sample.labels["estate"])
+    return estates
+
+
+def action_of(stage: str, reason: str) -> str:
+    for definition in PIPELINES.values():
+        for candidate in definition.reasons:
+            if (candidate.stage, candidate.name) == (stage, reason):
+                return candidate.action
+    raise AssertionError(f"unknown reason {reason} at stage {stage}")
+
+
+def page_with_reasons(webhook: Webhook) -> dict[str, Any] | None:
+    for payload in webhook.received():
+        alerts = [
+            alert
+            for alert in payload.get("alerts", [])
+            if alert["labels"].get("alertname") == "IntuneProvisioningStuckUser"
+            and alert["labels"].get("reason")
+        ]
+        if alerts:
+            return {**payload, "alerts": alerts}
+    return None
+
+
+def firing_with_annotations(prometheus: str) -> list[dict[str, Any]]:
+    answer = http_get_json(f"{prometheus}/api/v1/alerts")
+    return [alert for alert in answer["data"]["alerts"] if alert["state"] == "firing"]
+
+
+def cloud_alerts_firing(prometheus: str, cloud_estates: set[str]) -> list[dict[str, Any]] | None:
+    alerts = firing_with_annotations(prometheus)
+    stuck_stages = {
+        alert["labels"]["provisioning_stage"]
+        for alert in alerts
+        if alert["labels"]["alertname"] == "IntuneProvisioningUsersStuck"
+        and alert["labels"]["estate"] in cloud_estates
+    }
+    licence_errors = [
+        alert
+        for alert in alerts
+        if alert["labels"]["alertname"] == "IntuneLicenseAssignmentErrors"
+        and alert["labels"]["estate"] in cloud_estates
+    ]
+    return alerts if stuck_stages >= set(CLOUD.waiting_stages) and licence_errors else None
+
+
+@pytest.mark.component("prometheus")
+@pytest.mark.timeout(120)
+def test_pages_name_the_reason_and_the_cloud_chain_raises_its_alerts(
+    webhook: Webhook, alertmanager: str, prometheus: str, demo_metrics: str
+) -> None:
+    """The demo's third estate runs the cloud pipeline and every stuck user has a reason: the pages
+    carry the reason and its action, and the cloud stages raise the same stuck-user alerts."""
+    # 1. A per-user page carries the reason (label) and the action for it (description).
+    page = wait_until(lambda: page_with_reasons(webhook), PAGE_TIMEOUT, "a page with reasons")
+    for alert in page["alerts"]:
+        labels = alert["labels"]
+        reason = f"Reason: {labels['reason']}. {action_of(labels['provisioning_stage'], labels['reason'])}"
+        assert reason in alert["annotations"]["description"], alert["annotations"]["description"]
+
+    # 2. The cloud estate's stuck users page through the same alerts, at every cloud stage, and its
+    #    licence assignment errors raise IntuneLicenseAssignmentErrors.
+    cloud_estates = estates_by_pipeline(demo_metrics).get(CLOUD.name, set())
+    assert cloud_estates, "the demo has no estate on the cloud pipeline (intune_provisioning_pipeline_info)"
+    alerts = wait_until(
+        lambda: cloud_alerts_firing(prometheus, cloud_estates), 30.0, "the cloud estate's alerts"
+    )
+
+    # 3. Every per-stage alert names reasons of its own stage, with their actions.
+    for alert in alerts:
+        labels = alert["labels"]
+        if labels["alertname"] != "IntuneProvisioningUsersStuck":
+            continue
+        description = alert["annotations"]["description"]
+        assert "Top reasons: " in description, description
+        stage_reasons = [
+            reason
+            for definition in PIPELINES.values()
+            for reason in definition.reasons_of(labels["provisioning_stage"])
+            if f"{reason.name} (" in description
+        ]
+        assert stage_reasons, description
+        for reason in stage_reasons:
+            assert reason.action in description, (reason.name, description)
