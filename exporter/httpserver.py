@@ -403,8 +403,9 @@ class _Exchange:
                 request, keep_alive = _parse_head(head)
                 self._skip_body(request)
             except ClientError as exc:
-                self._send(Response(exc.status, f"{exc}\n".encode(), TEXT), head_only=False, keep_alive=False)
                 log.debug("bad request from %s: %s", self.connection.address, exc)
+                self._send(Response(exc.status, f"{exc}\n".encode(), TEXT), head_only=False, keep_alive=False)
+                self._drain()
                 return
             self.connection.waiting_since = None
             self.connection.deadline = float("inf")  # the app's time is ours, not the client's
@@ -454,6 +455,19 @@ class _Exchange:
                 raise ConnectionError("client closed the connection in the middle of a request body")
             self.buffer += chunk
         del self.buffer[:length]
+
+    def _drain(self) -> None:
+        """Close after an error without losing the answer: closing with unread input makes the
+        kernel send a reset, which can destroy the response before the client reads it. So signal
+        the end of the response, then read (and drop) what the client still sends, for a moment."""
+        self.connection.sock.shutdown(socket.SHUT_WR)
+        self.connection.deadline = min(self.connection.deadline, time.monotonic() + 1.0)
+        received = 0
+        while received < 1 << 20:
+            chunk = self.stream.recv(65536)
+            if not chunk:
+                return
+            received += len(chunk)
 
     def _send(self, response: Response, head_only: bool, keep_alive: bool) -> None:
         self.stream.sendall(_encode(response, self.server.web_config.headers, head_only, keep_alive))

@@ -1,0 +1,188 @@
+"""The HTTP transport in this process with a small app: protocol handling, limits, deadlines, the
+app interface, rate limit, and shared /metrics renderings."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+from exporter.httpserver import Limits, Request, Response
+from exporter.webapp import SharedRendering
+from exporter.webconfig import RateLimit, WebConfig
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_request_reaches_the_app_parsed(start_server):
+    seen: list[Request] = []
+
+    def app(request: Request) -> Response:
+        seen.append(request)
+        return Response(200, b"ok\n", "text/plain", {"X-Route": "yes"})
+
+    port = start_server(app=app).server_address[1]
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    connection.request("GET", "/trace?user=a%40b.com&user=c&empty=", headers={"X-Custom": "v"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.read() == b"ok\n" and response.getheader("X-Route") == "yes"
+    connection.request("HEAD", "/trace")
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("Content-Length") == "3" and response.read() == b""
+    connection.close()
+    request = seen[0]
+    assert request.method == "GET" and request.path == "/trace"
+    assert request.query == {"user": ["a@b.com", "c"], "empty": [""]}
+    assert request.header("X-CUSTOM") == "v" and request.headers["x-custom"] == "v"
+    assert seen[1].method == "HEAD"
+
+
+PROTOCOL_CASES = {
+    "POST with a body": (
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+        b"405",
+    ),
+    "garbage": (b"GARBAGE\r\n\r\n", b"400"),
+    "HTTP/2 preface": (b"GET / HTTP/2.0\r\n\r\n", b"505"),
+    "header without colon": (b"GET / HTTP/1.1\r\nbad header\r\n\r\n", b"400"),
+    "70 KB header": (b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", b"431"),
+    "chunked body": (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"501"),
+    "huge body": (b"GET / HTTP/1.1\r\nContent-Length: 999999999\r\n\r\n", b"413"),
+    "relative target": (b"GET nowhere HTTP/1.1\r\n\r\n", b"400"),
+    "absolute target": (b"GET http://exporter/-/healthy HTTP/1.1\r\nConnection: close\r\n\r\n", b"200"),
+    "HTTP/1.0": (b"GET / HTTP/1.0\r\n\r\n", b"200"),
+    "bare LF line ends": (b"GET /x HTTP/1.1\nHost: x\nConnection: close\n\n", b"200"),
+}
+
+
+@pytest.mark.parametrize(("data", "status"), PROTOCOL_CASES.values(), ids=PROTOCOL_CASES.keys())
+def test_protocol_errors_are_answered(start_server, data, status):
+    port = start_server().server_address[1]
+    answer = raw_exchange(port, data)
+    assert answer.startswith(b"HTTP/1.1 " + status + b" "), answer[:200]
+
+
+def test_pipelined_and_keep_alive_requests(start_server):
+    port = start_server().server_address[1]
+    answer = raw_exchange(
+        port, b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\nGET /c HTTP/1.1\r\nConnection: close\r\n\r\n"
+    )
+    assert answer.count(b"HTTP/1.1 200 OK") == 3 and b"GET /c" in answer
+
+
+def test_app_exception_is_a_500_and_logged(start_server, caplog):
+    port = start_server().server_address[1]
+    with caplog.at_level(logging.ERROR, logger="exporter.httpserver"):
+        answer = raw_exchange(port, b"GET /boom HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 500 ")
+    assert any("error while serving /boom" in r.message and r.exc_info for r in caplog.records)
+
+
+def test_configured_headers_on_every_response(start_server):
+    config = WebConfig(headers={"X-Frame-Options": "deny"}, basic_auth_users={})
+    port = start_server(config).server_address[1]
+    for path in (b"/", b"/boom"):
+        answer = raw_exchange(port, b"GET " + path + b" HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert b"\r\nX-Frame-Options: deny\r\n" in answer.split(b"\r\n\r\n")[0]
+
+
+def test_header_and_idle_deadlines(start_server):
+    limits = Limits(header_timeout=1.0, idle_timeout=1.5)
+    port = start_server(limits=limits).server_address[1]
+    half = socket.create_connection(("127.0.0.1", port), timeout=10)
+    half.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    idle.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")
+    start = time.monotonic()
+    assert half.recv(100) == b"" and idle.recv(100) == b""  # both closed by the server
+    assert time.monotonic() - start < 5
+    half.close()
+    idle.close()
+
+
+def test_connection_limit_evicts_the_longest_waiting(start_server):
+    server = start_server(limits=Limits(max_connections=8))
+    port = server.server_address[1]
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(8)]
+    time.sleep(0.2)
+    assert raw_exchange(port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    assert idle[0].recv(100) == b""  # the oldest idle connection made room
+    assert len(server.connections) <= 9
+    for sock in idle:
+        sock.close()
+
+
+def test_connections_busy_with_responses_are_not_evicted(start_server):
+    release = threading.Event()
+
+    def slow(request: Request) -> Response:
+        if request.path == "/slow":
+            release.wait(10)
+        return Response(200, b"done\n", "text/plain")
+
+    port = start_server(app=slow, limits=Limits(max_connections=4)).server_address[1]
+    busy = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(4)]
+    for sock in busy:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nConnection: close\r\n\r\n")
+    time.sleep(0.3)
+    refused = socket.create_connection(("127.0.0.1", port), timeout=10)
+    with contextlib.suppress(ConnectionResetError):  # closed with or without a reset, never answered
+        assert refused.recv(100) == b""  # no room: the new client is closed, the busy ones finish
+    release.set()
+    for sock in busy:
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        sock.close()
+    refused.close()
+
+
+def test_rate_limit(start_server):
+    port = start_server(WebConfig(rate_limit=RateLimit(interval=60.0, burst=2))).server_address[1]
+    statuses = [raw_exchange(port, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")[9:12] for _ in range(4)]
+    assert statuses == [b"200", b"200", b"429", b"429"]
+
+
+def test_shared_rendering_runs_once_for_concurrent_requests():
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def render() -> bytes:
+        calls.append(1)
+        started.set()
+        release.wait(5)
+        return f"rendering {len(calls)}".encode()
+
+    shared = SharedRendering(render)
+    results: list[bytes] = []
+    first = threading.Thread(target=lambda: results.append(shared.get()))
+    first.start()
+    started.wait(5)
+    joiners = [threading.Thread(target=lambda: results.append(shared.get())) for _ in range(5)]
+    for thread in joiners:
+        thread.start()
+    time.sleep(0.2)
+    release.set()
+    for thread in [first, *joiners]:
+        thread.join(5)
+    assert results == [b"rendering 1"] * 6 and len(calls) == 1
+    assert shared.get() == b"rendering 2"  # nothing is kept once delivered
+
+
+def test_shared_rendering_passes_on_failures():
+    def fail() -> bytes:
+        raise RuntimeError("collector broke")
+
+    with pytest.raises(RuntimeError, match="collector broke"):
+        SharedRendering(fail).get()
