@@ -1029,9 +1029,10 @@ def parse_config(data: Any, base_dir: Path | None = None, environ: Mapping[str, 
         tree = _expand_environment({} if data is None else data, os.environ if environ is None else environ)
         return _config_adapter().validate_python(tree, context=context)
     except ValidationError as exc:
+        # A secret can reach a message through another key's value (timeout: ${PASSWORD}).
         mask = SecretMask(context.secrets)
-        problems = [f"{_path(tuple(e['loc']))}: {_message(Config, e)}" for e in exc.errors()]
-        raise ConfigError([mask.mask(problem) for problem in problems]) from None
+        problems = [f"{_path(tuple(e['loc']))}: {mask.mask(_message(Config, e))}" for e in exc.errors()]
+        raise ConfigError(problems) from None
     except RecursionError:
         raise ConfigError(["top level: nested too deeply"]) from None
 

@@ -7,8 +7,10 @@ form, a ``repr()`` or a JSON document the backslash-escaped form. :class:`Secret
 secret with those derived forms and replaces all of them in one pass, longest first, so a secret
 that contains another is masked whole and the mask text itself is never masked again.
 
-Secrets of any length are masked: a one-character password makes log lines ugly, but it is the
-operator's secret, not ours to print.
+Secrets of any length are masked. One shorter than :data:`SHORT` characters is masked where it
+stands as a token of its own (not inside a longer word): a leak shows it between delimiters
+(``PWD=abc;``, ``'abc'``, ``user:abc@host``), while masking the letters ``ab`` inside every
+"table" would garble each line and tell a reader which letters the password is made of.
 
 Use::
 
@@ -28,6 +30,7 @@ import urllib.parse
 from collections.abc import Iterable
 
 MASK = "<secret>"
+SHORT = 8  # secrets shorter than this are masked as whole tokens only
 
 
 def derived_forms(secret: str) -> set[str]:
@@ -70,7 +73,7 @@ class SecretMask:
             # Longest first: at any position the regex engine takes the first alternative that
             # matches, so a secret containing another is replaced as a whole.
             ordered = sorted(self._forms, key=lambda form: (-len(form), form))
-            self._pattern = re.compile("|".join(re.escape(form) for form in ordered))
+            self._pattern = re.compile("|".join(_alternative(form) for form in ordered))
 
     def mask(self, text: str) -> str:
         """``text`` with every secret form replaced by ``<secret>`` (in one pass)."""
@@ -84,3 +87,13 @@ class SecretMask:
 
     def __repr__(self) -> str:
         return f"SecretMask({len(self._forms)} forms)"
+
+
+def _alternative(form: str) -> str:
+    escaped = re.escape(form)
+    if len(form) >= SHORT:
+        return escaped
+    # Not glued to a letter or digit on a side where the form itself starts/ends with one.
+    before = r"(?<!\w)" if re.match(r"\w", form) else ""
+    after = r"(?!\w)" if re.search(r"\w$", form) else ""
+    return before + escaped + after
