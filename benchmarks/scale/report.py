@@ -1,0 +1,216 @@
+"""Turning a run's measurements into the printed report and the JSON file."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from benchmarks.scale.run import Results
+
+PHASES = ("first refresh", "refresh", "state write", "quiet")
+
+
+# ------------------------------------------------------------------------------- latencies
+def _overlaps(start: float, end: float, windows: list[tuple[float, float]]) -> bool:
+    return any(start < w_end and end > w_start for w_start, w_end in windows)
+
+
+def classify_scrape(
+    sample: dict[str, Any],
+    t_ready: float,
+    refreshes: list[tuple[float, float]],
+    writes: list[tuple[float, float]],
+) -> str:
+    start = sample["t"]
+    end = start + sample.get("total", 0.0)
+    if start < t_ready:
+        return "first refresh"
+    if _overlaps(start, end, writes):
+        return "state write"
+    if _overlaps(start, end, refreshes):
+        return "refresh"
+    return "quiet"
+
+
+def percentile(values: list[float], share: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(share * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def latency_by_phase(
+    samples: list[dict[str, Any]],
+    t0: float,
+    t_ready: float,
+    refresh_windows: list[tuple[str, float, float]],
+    write_windows: list[tuple[float, float]],
+) -> dict[str, dict[str, float]]:
+    """p50/p99/max of /metrics (connect included) per phase of what the exporter was doing."""
+    refreshes = [(start, end) for _, start, end in refresh_windows]
+    grouped: dict[str, list[dict[str, Any]]] = {phase: [] for phase in PHASES}
+    for sample in samples:
+        if sample["t"] >= t0:
+            grouped[classify_scrape(sample, t_ready, refreshes, writes=write_windows)].append(sample)
+    table = {}
+    for phase, group in grouped.items():
+        good = [s for s in group if "error" not in s and s.get("status") == 200]
+        totals = [s["total"] * 1000 for s in good]
+        connects = [s["connect"] * 1000 for s in good]
+        table[phase] = {
+            "requests": len(group),
+            "errors": len(group) - len(good),
+            "p50_ms": percentile(totals, 0.50),
+            "p99_ms": percentile(totals, 0.99),
+            "max_ms": max(totals, default=float("nan")),
+            "connect_p99_ms": percentile(connects, 0.99),
+        }
+    return table
+
+
+# ------------------------------------------------------------------------------- rendering
+def machine() -> str:
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    python = platform.python_version()
+    return f"{platform.platform()}, {os.cpu_count()} cores, {memory:.0f} GiB RAM, Python {python}"
+
+
+def _seconds(value: Any) -> str:
+    return f"{value:.2f}s" if isinstance(value, int | float) else "-"
+
+
+def _refresh_lines(title: str, figures: dict[str, Any]) -> list[str]:
+    durations = ", ".join(f"{k} {v:.1f}s" for k, v in figures["durations"].items())
+    requests = figures["graph_requests"]
+    return [
+        f"{title}:",
+        f"  per source (exporter's refresh_duration): {durations}",
+        f"  wall (first start .. last end) {figures['wall']:.1f}s, exporter CPU {figures['cpu']:.1f}s, "
+        f"peak RSS {figures['peak_rss_mib']:.0f} MiB",
+        f"  Graph requests: {requests.get('users', 0)} users pages, "
+        f"{sum(requests.values())} in all ({', '.join(f'{k} {v}' for k, v in requests.items() if v)})",
+        f"  AD: {figures['ad_entries']} entries returned by {figures['ad_searches']} searches (slapd log)",
+    ]
+
+
+def render(results: Results) -> list[str]:
+    r = results
+    estate = r.estate
+    lines = [
+        "",
+        f"== Scale benchmark: {r.options['users']} AD users, seed {r.options['seed']} ==",
+        f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"estate: {estate['ad_users_in_scope']} AD users in scope, {estate['entra_users']} Entra users, "
+        f"{estate['configmgr_records']} ConfigMgr records; stages {estate['stages']}",
+        "loading: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.load_seconds.items()),
+    ]
+    phases = r.phases
+    if "start" in phases:
+        first = phases["first_refresh"]
+        lines += [
+            f"start: HTTP answers after {phases['start']['http_seconds']:.2f}s, "
+            f"/-/ready after {phases['start']['ready_seconds']:.1f}s "
+            f"(exporter CPU to ready {first['cpu_to_ready']:.1f}s, "
+            f"RSS at ready {first['rss_at_ready_mib']:.0f} MiB)",
+            *_refresh_lines("first full refresh", first),
+        ]
+    if "second_refresh" in phases:
+        churn = phases["churn"]
+        lines += [
+            f"1% change set: {churn['ad_entries']} AD entries, {churn['entra_users']} Entra users, "
+            f"{churn['configmgr_rows']} ConfigMgr rows changed",
+            *_refresh_lines("second refresh, after the change", phases["second_refresh"]),
+        ]
+    main = phases.get("main_process", {})
+    if main:
+        lines.append(
+            f"state file: {main['state_file_mib']:.1f} MiB; writes (refresh end .. rename): "
+            f"{', '.join(f'{d:.1f}s' for d in main['state_writes']) or '-'}; "
+            f"exporter peak RSS (VmHWM) {main['peak_rss_mib']:.0f} MiB"
+        )
+    if "sigterm_idle" in phases:
+        lines.append(f"SIGTERM to exit (idle): {_seconds(phases['sigterm_idle']['seconds'])}")
+    if "restart" in phases:
+        restart = phases["restart"]
+        lines += [
+            f"restart with the state file: HTTP after {restart['http_seconds']:.2f}s, "
+            f"ready after {restart['ready_seconds']:.2f}s "
+            f"(peak RSS {restart['peak_rss_to_ready_mib']:.0f} MiB)",
+            *_refresh_lines("first refresh after the restart", restart["first_refresh"]),
+            f"SIGTERM to exit after that refresh: {_seconds(phases['sigterm_after_restart']['seconds'])}",
+        ]
+    if "sigterm_during_refresh" in phases:
+        during = phases["sigterm_during_refresh"]
+        lines.append(
+            f"SIGTERM to exit during the start-up refresh (in flight: {during['refresh_in_flight']}): "
+            f"{_seconds(during['seconds'])}"
+        )
+    lines += _latency_lines(r)
+    lines += _solo_lines(r)
+    if r.floor is not None:
+        lines += [
+            "decoding floor (client libraries alone, this process):",
+            *("  " + x for x in r.floor.lines()),
+        ]
+        cpu = phases.get("first_refresh", {}).get("cpu")
+        if cpu:
+            lines.append(
+                f"  exporter CPU of the first full refresh / floor = {cpu:.1f}s / {r.floor.total_cpu:.1f}s "
+                f"= {cpu / r.floor.total_cpu:.2f}x"
+            )
+    lines.append("ground truth:")
+    for check in r.checks:
+        lines.append(f"  {check.summary()}")
+        lines += [f"    {m}" for m in check.mismatches[:40]]
+        lines += [f"    note: {n}" for n in check.notes]
+    lines += [f"warning: {w}" for w in r.warnings]
+    return lines
+
+
+def _latency_lines(r: Results) -> list[str]:
+    if not r.scrape_latency:
+        return []
+    lines = [
+        f"/metrics under {r.options['scrapers']} concurrent scrapers (new connection each, connect included):"
+    ]
+    for phase, row in r.scrape_latency.items():
+        if not row["requests"]:
+            continue
+        lines.append(
+            f"  {phase:<14} {row['requests']:>6} requests, {row['errors']} errors: "
+            f"p50 {row['p50_ms']:.1f} ms, p99 {row['p99_ms']:.1f} ms, max {row['max_ms']:.1f} ms "
+            f"(connect p99 {row['connect_p99_ms']:.1f} ms)"
+        )
+    return lines
+
+
+def _solo_lines(r: Results) -> list[str]:
+    if not r.solo:
+        return []
+    lines = ["each source alone (start to ready):"]
+    for source, row in r.solo.items():
+        refreshes = ", ".join(
+            f"{k[16:]} {v:.1f}s" for k, v in row.items() if k.startswith("refresh_seconds_")
+        )
+        lines.append(
+            f"  {source:<10} ready {row['ready_seconds']:.1f}s, CPU {row['cpu_to_ready']:.1f}s, "
+            f"peak RSS {row['peak_rss_mib']:.0f} MiB ({refreshes})"
+        )
+    return lines
+
+
+def as_json(results: Results) -> dict[str, Any]:
+    document = dataclasses.asdict(results)
+    document["machine"] = machine()
+    document["checks"] = [
+        {"label": c.label, "ok": c.ok, "checked": c.checked, "mismatches": c.mismatches, "notes": c.notes}
+        for c in results.checks
+    ]
+    if results.floor is not None:
+        document["floor"]["total_cpu"] = results.floor.total_cpu
+    return document
