@@ -14,6 +14,7 @@ Keys are hashes: two different identifiers share a key with probability 2^-64 pe
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,8 +49,13 @@ def _keys_from_digests(digests: list[bytes]) -> U64:
 
 
 def text_key(value: str | None, *, fold: bool = True) -> int:
-    """The key of one identifier, as :func:`text_keys` computes it."""
-    return int(text_keys([value], fold=fold)[0])
+    """The key of one identifier, as :func:`text_keys` computes it (cheap: one hash, no numpy)."""
+    if not value:
+        return NO_KEY
+    digest = hashlib.blake2b(
+        (value.casefold() if fold else value).encode("utf-8", "surrogatepass"), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "little") or 1  # 0 is reserved for "no identifier"
 
 
 def text_keys(values: Iterable[str | None], *, fold: bool = True) -> U64:
@@ -189,47 +195,34 @@ class Blob:
 
 
 class BlobBuilder:
-    """Appends values one at a time; compacts every few thousand so Python objects never pile up."""
-
-    _CHUNK = 8192
+    """Appends values one at a time straight into one growing buffer (no Python object per value)."""
 
     def __init__(self, *, text: bool = True) -> None:
         self.text = text
-        self._chunks: list[Blob] = []
-        self._values: list[bytes] = []
-        self._lengths: list[int] = []
-        self._nulls: list[bool] = []
-        self._any_null = False
+        self._data = bytearray()
+        self._offsets = array("q", [0])
+        self._nulls: bytearray | None = None
 
     def append(self, value: str | bytes | None) -> None:
         if value is None:
-            encoded = b""
-            self._any_null = True
+            if self._nulls is None:
+                self._nulls = bytearray(len(self._offsets) - 1)
+            self._nulls.append(1)
         else:
-            encoded = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value)
-            encoded = _clip(encoded)
-        self._values.append(encoded)
-        self._lengths.append(len(encoded))
-        self._nulls.append(value is None)
-        if len(self._values) >= self._CHUNK:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._values:
-            return
-        offsets = np.zeros(len(self._lengths) + 1, dtype=np.int64)
-        np.cumsum(np.asarray(self._lengths, dtype=np.int64), out=offsets[1:])
-        nulls = np.asarray(self._nulls, dtype=np.bool_) if self._any_null else None
-        self._chunks.append(Blob(b"".join(self._values), offsets, nulls, self.text))
-        self._values, self._lengths, self._nulls, self._any_null = [], [], [], False
+            encoded = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+            self._data += encoded if len(encoded) <= MAX_TEXT_BYTES else _clip(encoded)
+            if self._nulls is not None:
+                self._nulls.append(0)
+        self._offsets.append(len(self._data))
 
     def build(self) -> Blob:
-        self._flush()
-        if not self._chunks:
-            return Blob(b"", np.zeros(1, dtype=np.int64), None, self.text)
-        if len(self._chunks) == 1:
-            return self._chunks[0]
-        return Blob.concat(self._chunks)
+        offsets = (
+            np.frombuffer(self._offsets, dtype=np.int64) if len(self._offsets) else np.zeros(1, np.int64)
+        )
+        nulls = None
+        if self._nulls is not None and any(self._nulls):
+            nulls = np.frombuffer(self._nulls, dtype=np.bool_)
+        return Blob(bytes(self._data), offsets, nulls, self.text)
 
 
 # ------------------------------------------------------------------------------------ joins

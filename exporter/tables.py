@@ -11,6 +11,7 @@ The state file stores tables column by column (see exporter.state), driven by th
 from __future__ import annotations
 
 import threading
+from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Self, TypeVar
@@ -243,66 +244,67 @@ class Table:
         return cls(columns, meta=parts[-1].meta if meta is None else meta, children=children)
 
 
+_ARRAY_CODES = {"f8": "d", "i8": "q", "i4": "i", "i2": "h", "i1": "b", "bool": "b", "u64": "Q"}
+
+
 class TableBuilder:
-    """Collects rows of one table value by value, keeping text compact as it goes."""
+    """Collects rows of one table value by value, straight into compact buffers.
+
+    Numbers go into ``array.array``\ s, GUIDs and text into byte buffers: a row costs its bytes, not
+    a Python object per field, and ``columns()`` hands the buffers to numpy without copying.
+    """
 
     def __init__(self, table_type: type[Table]) -> None:
         self.table_type = table_type
-        self._numbers: dict[str, list[Any]] = {}
-        self._blobs: dict[str, BlobBuilder] = {}
-        self._cats: dict[str, list[str | None]] = {}
-        self._guids: dict[str, list[bytes]] = {}
-        self._chunks: list[dict[str, ColumnValue]] = []
         self.rows = 0
+        self._numbers: dict[str, array[Any]] = {}
+        self._blobs: dict[str, BlobBuilder] = {}
+        self._cats: dict[str, tuple[dict[str, int], array[int]]] = {}
+        self._guids: dict[str, bytearray] = {}
         for col in table_type.COLUMNS:
             if col.kind in ("text", "bytes"):
                 self._blobs[col.name] = BlobBuilder(text=col.kind == "text")
             elif col.kind == "cat":
-                self._cats[col.name] = []
+                self._cats[col.name] = ({}, array("i"))
             elif col.kind == "guid":
-                self._guids[col.name] = []
+                self._guids[col.name] = bytearray()
             else:
-                self._numbers[col.name] = []
+                self._numbers[col.name] = array(_ARRAY_CODES[col.kind])
 
     def add(self, values: Mapping[str, Any]) -> int:
         """Append one row (every column named); returns its row number."""
-        for name, items in self._numbers.items():
-            items.append(values[name])
+        for name, numbers in self._numbers.items():
+            numbers.append(values[name])
         for name, blob in self._blobs.items():
             blob.append(values[name])
-        for name, cats in self._cats.items():
-            cats.append(values[name])
+        for name, (vocab, codes) in self._cats.items():
+            value = values[name]
+            codes.append(-1 if value is None else vocab.setdefault(value, len(vocab)))
         for name, guids in self._guids.items():
             value = values[name]
-            guids.append(value if value is not None else bytes(16))
+            if value is None:
+                guids.extend(_NO_GUID)
+            elif len(value) == 16:
+                guids.extend(value)
+            else:
+                raise ValueError(f"{name}: a GUID has 16 bytes, got {len(value)}")
         self.rows += 1
-        if self.rows % 65536 == 0:
-            self._flush_numbers()
         return self.rows - 1
 
-    def _flush_numbers(self) -> None:
-        if not any(self._numbers.values()) and not any(self._guids.values()) and not any(self._cats.values()):
-            return
-        chunk: dict[str, ColumnValue] = {}
-        kinds = {c.name: c.kind for c in self.table_type.COLUMNS}
-        for name, items in self._numbers.items():
-            chunk[name] = np.asarray(items, dtype=NUMPY_KINDS[kinds[name]])
-            self._numbers[name] = []
-        for name, guids in self._guids.items():
-            chunk[name] = np.frombuffer(b"".join(guids), dtype=GUID).copy()
-            self._guids[name] = []
-        for name, cats in self._cats.items():
-            chunk[name] = Categorical.from_values(cats)
-            self._cats[name] = []
-        self._chunks.append(chunk)
-
     def columns(self) -> dict[str, ColumnValue]:
-        self._flush_numbers()
         kinds = {c.name: c.kind for c in self.table_type.COLUMNS}
         result: dict[str, ColumnValue] = {}
-        for name in list(self._numbers) + list(self._guids) + list(self._cats):
-            parts = [chunk[name] for chunk in self._chunks]
-            result[name] = concat_columns(kinds[name], parts) if parts else empty_column(kinds[name])
+        for name, numbers in self._numbers.items():
+            dtype = NUMPY_KINDS[kinds[name]]
+            raw = np.frombuffer(numbers, dtype=np.int8 if kinds[name] == "bool" else dtype)
+            result[name] = raw.astype(np.bool_) if kinds[name] == "bool" else raw
+        for name, guids in self._guids.items():
+            result[name] = np.frombuffer(guids, dtype=GUID)
+        for name, (vocab, codes) in self._cats.items():
+            result[name] = Categorical(np.frombuffer(codes, dtype=np.int32), tuple(vocab))
         for name, blob in self._blobs.items():
             result[name] = blob.build()
         return result
+
+
+_NO_GUID = bytes(16)
