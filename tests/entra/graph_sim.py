@@ -1,140 +1,107 @@
-"""A Microsoft identity platform + Microsoft Graph simulator over HTTPS on loopback.
+"""A Microsoft identity platform + Microsoft Graph v1.0 simulator over HTTPS on loopback.
 
-It serves, on one port, what the exporter talks to:
+One port serves what the exporter talks to:
 
-- ``GET /{tenant}/v2.0/.well-known/openid-configuration`` and ``POST /{tenant}/oauth2/v2.0/token``
-  (client credentials with a client secret, or a client assertion JWT signed with the app's
-  certificate: signature, ``x5t``/``x5t#S256`` thumbprint, audience, issuer and lifetime are checked);
-- ``GET /v1.0/users``, ``/v1.0/organization``, ``/v1.0/subscribedSkus`` and
-  ``/v1.0/directory/subscriptions`` with bearer-token checks, per-app application permissions,
-  ``$select`` semantics (without it only the default user properties), ``$top`` bounds (1..999) and
-  opaque ``$skiptoken`` paging.
+- identity platform: ``GET /{tenant}/v2.0/.well-known/openid-configuration``, ``POST
+  /{tenant}/oauth2/v2.0/token`` (client secret or certificate assertion; :mod:`tests.entra.sim_identity`);
+- Graph, with bearer tokens and per-app application permissions: ``/v1.0/users`` (``$select``, ``$top``,
+  ``$filter``, ``$count``), ``/v1.0/users/$count``, ``/v1.0/users/{id|upn}``, ``/v1.0/users/delta``,
+  ``/v1.0/groups/{id}``, ``/v1.0/deviceManagement/managedDevices[/{id}]``, ``/v1.0/organization``,
+  ``/v1.0/subscribedSkus``, ``/v1.0/directory/subscriptions`` (:mod:`tests.entra.sim_graph`,
+  :mod:`tests.entra.sim_delta`, filter rules in :mod:`tests.entra.sim_filter`);
+- throttling headers and optional 429s as Graph sends them (:mod:`tests.entra.sim_throttle`);
+- ``/_sim/...``: unauthenticated admin endpoints for out-of-process drivers (:mod:`tests.entra.sim_admin`).
 
-Faults are scripted per endpoint and per request number (429/503 with Retry-After, 500, connection
-reset, delay, token expiry, a body that is not JSON), and every request is logged so that tests can
-assert what the client really did. Errors use the services' documented shapes and codes
-(``invalid_client``/AADSTS7000215, ``invalid_tenant``/AADSTS90002, ``InvalidAuthenticationToken``,
-``Authorization_RequestDenied``).
+Python API (every method is thread-safe):
+
+- lifecycle: ``start()``, ``stop()``, ``pause()`` / ``resume()`` (stop listening and cut open
+  connections, then listen again on the same port), ``port``, ``base_url``;
+- data: ``add_tenant(SimTenant)``, ``tenants[id]``; ``upsert_user(tenant_id, user)``,
+  ``patch_user(tenant_id, id, **props)``, ``delete_user(tenant_id, id, hard=False)``,
+  ``restore_user(tenant_id, id)``, ``user_version(tenant_id, id)``; ``upsert_device``, ``patch_device``,
+  ``delete_device``; assigning ``tenant.users = [...]`` replaces all users (differences are logged);
+- delta: ``delta_page_size`` (200), ``delta_token_lifetime`` (7 days), ``delta_expired_status`` (400 or
+  410), ``delta_partial``, ``delta_replay``, ``delta_duplicates``; ``invalidate_delta_tokens()``;
+  ``now()`` / ``advance(seconds)`` (the simulator clock that delta tokens age on; bearer tokens age in
+  real time, as msal caches them by real time);
+- other knobs: ``token_lifetime``, ``subscriptions_page_size``, ``devices_page_size`` (1000),
+  ``resource_url``, ``throttle`` (a :class:`ThrottleModel`: headers per endpoint, enforcement);
+- faults: ``add_fault(endpoint, nth, kind, **options)`` (kinds in :class:`Fault`), ``clear_faults()``,
+  ``expire_tokens()``;
+- observation: ``log`` / ``requests_to(endpoint)`` (:class:`RequestRecord`), ``request_counts()``,
+  ``status_counts()``, ``reset_counters()``, ``issued_tokens()``; ``reset()`` forgets everything.
+
+Endpoint names (for faults, the log and the counters): ``openid``, ``token``, ``users``, ``usersCount``,
+``user``, ``usersDelta``, ``group``, ``managedDevices``, ``managedDevice``, ``organization``,
+``subscribedSkus``, ``subscriptions``.
+
+Standalone: ``python -m tests.entra.graph_sim serve --port P --cert-dir D (--tenant-file F.json[l] |
+--synthetic-users N --seed S)`` (see :mod:`tests.entra.sim_server`).
 """
 
 from __future__ import annotations
 
-import base64
-import json
+import math
 import re
 import secrets
 import socket
 import ssl
-import struct
 import threading
 import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections import OrderedDict, deque
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from tests.entra import sim_admin, sim_delta, sim_graph, sim_identity
+from tests.entra.sim_http import Exchange, Handler, Reply, Server, graph_error, intune_error
+from tests.entra.sim_identity import b64url
+from tests.entra.sim_model import (
+    DEFAULT_USER_PROPERTIES,
+    GRANTING_PERMISSIONS,
+    MANAGED_DEVICE_PROPERTIES,
+    USER_PROPERTIES,
+    Fault,
+    RequestRecord,
+    SimApp,
+    SimTenant,
+)
+from tests.entra.sim_store import Change
+from tests.entra.sim_throttle import INTUNE_ENDPOINTS, ThrottleModel
 
 if TYPE_CHECKING:
     import trustme
 
-DEFAULT_USER_PROPERTIES = (
-    "businessPhones",
-    "displayName",
-    "givenName",
-    "jobTitle",
-    "mail",
-    "mobilePhone",
-    "officeLocation",
-    "preferredLanguage",
-    "surname",
-    "userPrincipalName",
-    "id",
+__all__ = [
+    "DEFAULT_USER_PROPERTIES",
+    "GRANTING_PERMISSIONS",
+    "MANAGED_DEVICE_PROPERTIES",
+    "USER_PROPERTIES",
+    "Fault",
+    "GraphSimulator",
+    "RequestRecord",
+    "SimApp",
+    "SimTenant",
+    "b64url",
+]
+
+_ROUTES = (
+    (re.compile(r"^/v1\.0/users$"), "users"),
+    (re.compile(r"^/v1\.0/users/\$count$"), "usersCount"),
+    (re.compile(r"^/v1\.0/users/(?:microsoft\.graph\.)?delta(?:\(\))?$"), "usersDelta"),
+    (re.compile(r"^/v1\.0/users/([^/]+)$"), "user"),
+    (re.compile(r"^/v1\.0/organization$"), "organization"),
+    (re.compile(r"^/v1\.0/subscribedSkus$"), "subscribedSkus"),
+    (re.compile(r"^/v1\.0/directory/subscriptions$"), "subscriptions"),
+    (re.compile(r"^/v1\.0/groups/([^/]+)$"), "group"),
+    (re.compile(r"^/v1\.0/deviceManagement/managedDevices$"), "managedDevices"),
+    (re.compile(r"^/v1\.0/deviceManagement/managedDevices/([^/]+)$"), "managedDevice"),
+    (re.compile(r"^/([^/]+)/v2\.0/\.well-known/openid-configuration$"), "openid"),
+    (re.compile(r"^/([^/]+)/oauth2/v2\.0/token$"), "token"),
+    (re.compile(r"^/_sim/(.+)$"), "admin"),
 )
-# Properties a $select may name (the subset of microsoft.graph.user the simulator knows).
-USER_PROPERTIES = frozenset(
-    (
-        *DEFAULT_USER_PROPERTIES,
-        "accountEnabled",
-        "createdDateTime",
-        "onPremisesSyncEnabled",
-        "onPremisesImmutableId",
-        "onPremisesSecurityIdentifier",
-        "onPremisesSamAccountName",
-        "onPremisesLastSyncDateTime",
-        "onPremisesProvisioningErrors",
-        "onPremisesDomainName",
-        "onPremisesDistinguishedName",
-        "assignedLicenses",
-        "assignedPlans",
-        "department",
-    )
-)
-# Application permissions that grant each read (least privileged first).
-GRANTING_PERMISSIONS = {
-    "users": {"User.Read.All", "User.ReadWrite.All", "Directory.Read.All", "Directory.ReadWrite.All"},
-    "organization": {"Organization.Read.All", "Organization.ReadWrite.All", "Directory.Read.All"},
-    "subscribedSkus": {"Organization.Read.All", "Organization.ReadWrite.All", "Directory.Read.All"},
-    "subscriptions": {"Organization.Read.All", "Organization.ReadWrite.All", "Directory.Read.All"},
-}
-GRAPH_PATHS = {
-    "/v1.0/users": "users",
-    "/v1.0/organization": "organization",
-    "/v1.0/subscribedSkus": "subscribedSkus",
-    "/v1.0/directory/subscriptions": "subscriptions",
-}
-_OPENID = re.compile(r"^/([^/]+)/v2\.0/\.well-known/openid-configuration$")
-_TOKEN = re.compile(r"^/([^/]+)/oauth2/v2\.0/token$")
-
-
-@dataclass
-class SimApp:
-    client_id: str
-    secret: str | None = None
-    certificate: x509.Certificate | None = None
-    permissions: frozenset[str] = frozenset({"User.Read.All", "Organization.Read.All"})
-
-
-@dataclass
-class SimTenant:
-    tenant_id: str
-    users: list[dict[str, Any]] = field(default_factory=list)
-    organization: dict[str, Any] = field(default_factory=dict)
-    skus: list[dict[str, Any]] = field(default_factory=list)
-    subscriptions: list[dict[str, Any]] = field(default_factory=list)
-    apps: dict[str, SimApp] = field(default_factory=dict)
-
-
-@dataclass
-class Fault:
-    """Applied to requests number nth .. nth+times-1 (1-based) of an endpoint since the last reset.
-
-    kind: "429", "503", "500", "502", "403", "401" (answered with that status and a Graph error
-    body, Retry-After if retry_after is set), "reset" (TCP reset, no answer), "delay" (sleep `delay` seconds, then answer normally),
-    "expire_tokens" (every issued token expires, then the request is handled), "garbage" (200
-    with a body that is not JSON).
-    """
-
-    endpoint: str
-    nth: int
-    kind: str
-    retry_after: float | None = None
-    times: int = 1
-    delay: float = 0.0
-
-
-@dataclass
-class RequestRecord:
-    method: str
-    endpoint: str
-    path: str
-    query: dict[str, str]
-    status: int | None  # None: the connection was reset
-    token: str | None = None
-    form: dict[str, str] = field(default_factory=dict)
+_CURSOR_PREFIX = "RFNwdAIAAQAAA"
 
 
 @dataclass
@@ -145,66 +112,107 @@ class _Token:
     expires_at: float
 
 
-@dataclass
-class _Cursor:
-    tenant_id: str
-    endpoint: str
-    offset: int
-    top: int
-    select: tuple[str, ...] | None
-
-
 class GraphSimulator:
-    def __init__(self, ca: trustme.CA) -> None:
+    def __init__(self, ca: trustme.CA, *, port: int = 0) -> None:
         self._cert = ca.issue_cert("127.0.0.1", "localhost")
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._server: _Server | None = None
+        self._paused = threading.Event()
+        self._server: Server | None = None
         self._thread: threading.Thread | None = None
+        self._port = port
         self.tenants: dict[str, SimTenant] = {}
-        self.token_lifetime = 3600
-        self.subscriptions_page_size = 100
-        # The Graph resource whose "/.default" scope tokens are issued for (default: this server).
-        self.resource_url: str | None = None
+        self.log: deque[RequestRecord] = deque()
+        self.delta_states: dict[str, sim_delta.DeltaState] = {}
+        self.throttle = ThrottleModel()
+        self.release_event = threading.Event()
         self._tokens: dict[str, _Token] = {}
-        self._cursors: dict[str, _Cursor] = {}
+        self._cursors: OrderedDict[str, object] = OrderedDict()
         self._faults: list[Fault] = []
         self._counts: dict[str, int] = {}
-        self.log: list[RequestRecord] = []
+        self._status_counts: dict[str, dict[str, int]] = {}
+        self._clock_offset = 0.0
+        self._set_defaults()
+
+    def _set_defaults(self) -> None:
+        self.token_lifetime = 3600
+        self.subscriptions_page_size = 100
+        self.devices_page_size = 1000
+        # The Graph resource whose "/.default" scope tokens are issued for (default: this server).
+        self.resource_url: str | None = None
+        self.delta_page_size = 200
+        self.delta_token_lifetime = 7 * 86400.0
+        self.delta_expired_status = 400
+        self.delta_partial = False
+        self.delta_replay = 0
+        self.delta_duplicates = 0
+        self.max_cursors = 200_000
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
+        self._stop.clear()
+        self._paused.clear()
+        self._listen(self._port)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.release_event.set()
+        self._close_server()
+
+    def pause(self) -> None:
+        """Stop listening and cut every open connection: clients now get "connection refused"."""
+        self._paused.set()
+        self._close_server()
+
+    def resume(self) -> None:
+        """Listen again, on the same port."""
+        self._paused.clear()
+        self._listen(self._port)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set() or self._paused.is_set()
+
+    @property
+    def lock(self) -> AbstractContextManager[Any]:
+        """The lock every request and mutation holds; hold it to read several things consistently."""
+        return self._lock
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def _listen(self, port: int) -> None:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._cert.configure_cert(context)
-        self._server = _Server(("127.0.0.1", 0), _Handler, context, self)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="graph-sim", daemon=True)
+        server = Server(("127.0.0.1", port), Handler, context, self)
+        self._port = int(server.server_address[1])
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="graph-sim", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
         while True:  # ready once a TCP connection is accepted
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                with socket.create_connection(("127.0.0.1", self._port), timeout=1):
                     return
             except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.05)
 
-    def stop(self) -> None:
-        self._stop.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None
-        return int(self._server.server_address[1])
-
-    @property
-    def base_url(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+    def _close_server(self) -> None:
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+            server.cut_connections()
+        if thread is not None:
+            thread.join(timeout=5)
 
     # ------------------------------------------------------------------ scripting
     def reset(self) -> None:
@@ -212,12 +220,14 @@ class GraphSimulator:
             self.tenants.clear()
             self._tokens.clear()
             self._cursors.clear()
-            self._faults.clear()
+            self.delta_states.clear()
             self._counts.clear()
+            self._status_counts.clear()
             self.log.clear()
-            self.token_lifetime = 3600
-            self.subscriptions_page_size = 100
-            self.resource_url = None
+            self.throttle.reset()
+            self._clock_offset = 0.0
+            self._set_defaults()
+        self.clear_faults()
 
     def add_tenant(self, tenant: SimTenant) -> SimTenant:
         with self._lock:
@@ -227,6 +237,13 @@ class GraphSimulator:
     def add_fault(self, endpoint: str, nth: int, kind: str, **options: Any) -> None:
         with self._lock:
             self._faults.append(Fault(endpoint, nth, kind, **options))
+
+    def clear_faults(self) -> None:
+        """Remove every fault; requests hanging or trickling because of one go on normally."""
+        with self._lock:
+            self._faults.clear()
+            released, self.release_event = self.release_event, threading.Event()
+        released.set()
 
     def expire_tokens(self) -> None:
         with self._lock:
@@ -241,15 +258,137 @@ class GraphSimulator:
         with self._lock:
             return len(self._tokens)
 
+    def request_counts(self) -> dict[str, int]:
+        """Requests per endpoint since the last reset (fault `nth` counts the same way)."""
+        with self._lock:
+            return dict(self._counts)
+
+    def status_counts(self) -> dict[str, dict[str, int]]:
+        """Answers per endpoint and status ("none": no answer) since the last reset."""
+        with self._lock:
+            return {endpoint: dict(counts) for endpoint, counts in self._status_counts.items()}
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self._counts.clear()
+            self._status_counts.clear()
+
+    # ------------------------------------------------------------------ clock
+    def now(self) -> float:
+        """The simulator clock (epoch seconds): real time plus what `advance` added."""
+        return time.time() + self._clock_offset
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._clock_offset += seconds
+
+    # ------------------------------------------------------------------ data
+    def upsert_user(self, tenant_id: str, user: dict[str, Any]) -> Change | None:
+        """Create or replace a user; returns the logged change (None: nothing tracked changed)."""
+        with self._lock:
+            tenant = self.tenants[tenant_id]
+            return tenant.directory.upsert(dict(user), tenant.untracked)
+
+    def patch_user(self, tenant_id: str, user_id: str, **props: Any) -> Change | None:
+        with self._lock:
+            tenant = self.tenants[tenant_id]
+            return tenant.directory.patch(user_id, props, tenant.untracked)
+
+    def delete_user(self, tenant_id: str, user_id: str, hard: bool = False) -> Change:
+        """Soft delete (restorable; delta says reason "changed") or hard delete (reason "deleted")."""
+        with self._lock:
+            return self.tenants[tenant_id].directory.delete(user_id, hard=hard)
+
+    def restore_user(self, tenant_id: str, user_id: str) -> Change:
+        with self._lock:
+            return self.tenants[tenant_id].directory.restore(user_id)
+
+    def user_version(self, tenant_id: str, user_id: str) -> int:
+        with self._lock:
+            return self.tenants[tenant_id].directory.user_version(user_id)
+
+    def upsert_device(self, tenant_id: str, device: dict[str, Any]) -> None:
+        with self._lock:
+            self.tenants[tenant_id].device_store.put(device)
+
+    def patch_device(self, tenant_id: str, device_id: str, **props: Any) -> None:
+        with self._lock:
+            store = self.tenants[tenant_id].device_store
+            current = store.get(device_id)
+            if current is None:
+                raise KeyError(device_id)
+            store.put({**current, **props, "id": device_id})
+
+    def delete_device(self, tenant_id: str, device_id: str) -> None:
+        with self._lock:
+            if self.tenants[tenant_id].device_store.remove(device_id) is None:
+                raise KeyError(device_id)
+
+    def invalidate_delta_tokens(self, tenant_id: str | None = None, status: int = 400) -> int:
+        """Make every delta token (and round under way) answer `status` (400 or 410); returns how many."""
+        with self._lock:
+            states = list(self.delta_states.values())
+            states += [c.state for c in self._cursors.values() if isinstance(c, sim_delta.DeltaRound)]
+            hit = {id(s): s for s in states if tenant_id is None or s.tenant_id == tenant_id}
+            for state in hit.values():
+                state.invalid_status = status
+            return len(hit)
+
+    # ------------------------------------------------------------------ used by the handlers
+    def issue_token(self, tenant_id: str, app: SimApp) -> str:
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._tokens[token] = _Token(
+                tenant_id, app.client_id, app.permissions, time.time() + self.token_lifetime
+            )
+        return token
+
+    def store_cursor(self, cursor: object) -> str:
+        token = _CURSOR_PREFIX + secrets.token_urlsafe(24)
+        with self._lock:
+            self._cursors[token] = cursor
+            while len(self._cursors) > self.max_cursors:
+                self._cursors.popitem(last=False)
+        return token
+
+    def load_cursor(self, token: str) -> object | None:
+        with self._lock:
+            return self._cursors.get(token)
+
+    def wait_for_release(self, timeout: float | None, event: threading.Event) -> bool:
+        """Wait up to `timeout` seconds (None: no limit); True once `event` is set or the server stops."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (event.is_set() or self.stopping):
+            remaining = 0.05 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            event.wait(min(remaining, 0.05))
+        return True
+
+    def record(self, record: RequestRecord) -> None:
+        if record.endpoint == "admin":
+            return
+        with self._lock:
+            self.log.append(record)
+            status = "none" if record.status is None else str(record.status)
+            counts = self._status_counts.setdefault(record.endpoint, {})
+            counts[status] = counts.get(status, 0) + 1
+
     # ------------------------------------------------------------------ dispatch
-    def handle(self, handler: _Handler, method: str) -> None:
+    def handle(self, handler: Handler, method: str) -> None:
         split = urlsplit(handler.path)
         query = {key: values[-1] for key, values in parse_qs(split.query, keep_blank_values=True).items()}
-        endpoint, tenant_in_path = _classify(split.path)
+        endpoint, param = _classify(unquote(split.path))
         length = int(handler.headers.get("Content-Length") or 0)
         body = handler.rfile.read(length) if length else b""
-        form = {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace")).items()} if body else {}
-        exchange = _Exchange(handler, method, endpoint, split.path, query, form, self)
+        content_type = str(handler.headers.get("Content-Type", ""))
+        form: dict[str, str] = {}
+        if body and not content_type.startswith("application/json"):
+            form = {k: v[-1] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
+        exchange = Exchange(handler, method, endpoint, split.path, query, form, self)
+        if endpoint == "admin":
+            exchange.reply(sim_admin.handle(self, exchange, param or "", body))
+            return
         with self._lock:
             self._counts[endpoint] = count = self._counts.get(endpoint, 0) + 1
             fault = next(
@@ -258,29 +397,40 @@ class GraphSimulator:
         if fault is not None and self._apply_fault(exchange, fault):
             return
         if endpoint == "openid" and method == "GET":
-            self._openid(exchange, tenant_in_path or "")
+            sim_identity.openid_configuration(self, exchange, param or "")
         elif endpoint == "token" and method == "POST":
-            self._token(exchange, tenant_in_path or "")
+            sim_identity.token(self, exchange, param or "")
         elif endpoint in GRANTING_PERMISSIONS and method == "GET":
-            self._graph(exchange, endpoint)
+            self._graph(exchange, endpoint, param)
         else:
             exchange.graph_error(404, "Request_ResourceNotFound", f"Resource '{split.path}' does not exist.")
 
-    def _apply_fault(self, exchange: _Exchange, fault: Fault) -> bool:
+    def _apply_fault(self, exchange: Exchange, fault: Fault) -> bool:
         """Apply a fault; True when it answered the request (or dropped it)."""
-        if fault.kind == "reset":
+        kind = fault.kind
+        if kind == "reset":
             exchange.reset()
             return True
-        if fault.kind == "delay":
-            self._stop.wait(fault.delay)
+        if kind == "hang":
+            self.wait_for_release(None, exchange.release)
+            if self.stopping:
+                exchange.drop()
+                return True
             return False
-        if fault.kind == "expire_tokens":
-            self.expire_tokens()
+        if kind in {"delay", "expire_tokens", "trickle", "malformed", "truncate"}:
+            if kind == "delay":
+                self._stop.wait(fault.delay)
+            elif kind == "expire_tokens":
+                self.expire_tokens()
+            elif kind == "trickle":
+                exchange.trickle = fault
+            else:
+                setattr(exchange, kind, True)
             return False
-        if fault.kind == "garbage":
+        if kind == "garbage":
             exchange.send(200, b"<html>this is not JSON", content_type="text/html")
             return True
-        status = int(fault.kind)
+        status = int(kind)
         headers = {"Retry-After": f"{fault.retry_after:g}"} if fault.retry_after is not None else {}
         codes = {
             429: "TooManyRequests",
@@ -293,123 +443,61 @@ class GraphSimulator:
         exchange.graph_error(status, codes.get(status, "error"), "Scripted fault.", headers=headers)
         return True
 
-    # ------------------------------------------------------------------ identity platform
-    def _openid(self, exchange: _Exchange, tenant_id: str) -> None:
-        if tenant_id not in self.tenants:
-            exchange.aad_error(400, "invalid_tenant", 90002, f"Tenant '{tenant_id}' not found.")
-            return
-        base = f"{self.base_url}/{tenant_id}"
-        exchange.send_json(
-            200,
-            {
-                "issuer": f"{base}/v2.0",
-                "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
-                "token_endpoint": f"{base}/oauth2/v2.0/token",
-                "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt"],
-                "response_types_supported": ["code", "id_token", "code id_token", "id_token token"],
-                "tenant_region_scope": "EU",
-            },
-        )
-
-    def _token(self, exchange: _Exchange, tenant_id: str) -> None:
-        form = exchange.form
-        tenant = self.tenants.get(tenant_id)
-        if tenant is None:
-            exchange.aad_error(400, "invalid_tenant", 90002, f"Tenant '{tenant_id}' not found.")
-            return
-        if form.get("grant_type") != "client_credentials":
-            exchange.aad_error(
-                400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type."
-            )
-            return
-        app = tenant.apps.get(form.get("client_id", ""))
-        if app is None:
-            exchange.aad_error(
-                400,
-                "unauthorized_client",
-                700016,
-                f"Application with identifier '{form.get('client_id')}' was not found in the directory.",
-            )
-            return
-        if form.get("scope") != f"{self.resource_url or self.base_url}/.default":
-            exchange.aad_error(
-                400,
-                "invalid_resource",
-                500011,
-                f"The resource principal named {form.get('scope')} was not found.",
-            )
-            return
-        problem = self._check_credential(app, form, f"{self.base_url}/{tenant_id}/oauth2/v2.0/token")
-        if problem is not None:
-            exchange.aad_error(401, "invalid_client", *problem)
-            return
-        token = secrets.token_urlsafe(32)
-        with self._lock:
-            self._tokens[token] = _Token(
-                tenant_id, app.client_id, app.permissions, time.time() + self.token_lifetime
-            )
-        exchange.send_json(
-            200,
-            {
-                "token_type": "Bearer",
-                "expires_in": self.token_lifetime,
-                "ext_expires_in": self.token_lifetime,
-                "access_token": token,
-            },
-        )
-
-    def _check_credential(self, app: SimApp, form: dict[str, str], audience: str) -> tuple[int, str] | None:
-        if "client_secret" in form:
-            if app.secret is None or not secrets.compare_digest(form["client_secret"], app.secret):
-                return 7000215, f"Invalid client secret provided for app '{app.client_id}'."
-            return None
-        if "client_assertion" in form:
-            if form.get("client_assertion_type") != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer":
-                return 7000219, "client_assertion_type is not jwt-bearer."
-            problem = _verify_assertion(form["client_assertion"], app, audience)
-            return None if problem is None else (700027, f"Client assertion failed validation: {problem}.")
-        return 7000218, "The request body must contain 'client_assertion' or 'client_secret'."
-
-    # ------------------------------------------------------------------ Graph
-    def _graph(self, exchange: _Exchange, endpoint: str) -> None:
+    def _graph(self, exchange: Exchange, endpoint: str, param: str | None) -> None:
         token = self._authenticate(exchange)
         if token is None:
             return
         if not GRANTING_PERMISSIONS[endpoint] & token.permissions:
-            exchange.graph_error(
-                403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation."
-            )
+            if endpoint in INTUNE_ENDPOINTS:
+                exchange.reply(
+                    intune_error(403, "Forbidden", sim_graph.DEVICE_PERMISSION_MESSAGE, exchange.path)
+                )
+            else:
+                exchange.graph_error(
+                    403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation."
+                )
             return
-        tenant = self.tenants[token.tenant_id]
-        unknown = [
-            key
-            for key in exchange.query
-            if key.startswith("$") and key not in {"$select", "$top", "$skiptoken"}
-        ]
-        if unknown:
-            exchange.graph_error(400, "Request_UnsupportedQuery", f"Unsupported query option {unknown[0]}.")
-            return
-        if endpoint == "users":
-            self._collection(
-                exchange, tenant, "users", tenant.users, USER_PROPERTIES, DEFAULT_USER_PROPERTIES
+        with self._lock:
+            tenant = self.tenants[token.tenant_id]
+            verdict = self.throttle.meter(
+                endpoint,
+                exchange.query,
+                tenant_id=tenant.tenant_id,
+                app_id=token.client_id,
+                user_count=len(tenant.directory),
+                now=time.monotonic(),
             )
-        elif endpoint == "subscriptions":
-            self._collection(exchange, tenant, "subscriptions", tenant.subscriptions, None, None)
-        elif endpoint == "subscribedSkus":
-            exchange.send_json(
-                200,
-                {"@odata.context": f"{self.base_url}/v1.0/$metadata#subscribedSkus", "value": tenant.skus},
-            )
-        else:
-            select = _select(exchange.query)
-            organization = _project(tenant.organization, select) if select else tenant.organization
-            exchange.send_json(
-                200,
-                {"@odata.context": f"{self.base_url}/v1.0/$metadata#organization", "value": [organization]},
-            )
+            exchange.extra_headers.update(verdict.headers)
+            if verdict.throttled:
+                retry = {"Retry-After": str(math.ceil(verdict.retry_after))}
+                reply = graph_error(429, "TooManyRequests", "Too many requests, retry later.", retry)
+            else:
+                reply = self._resource(exchange, endpoint, tenant, param or "")
+        exchange.reply(reply)
 
-    def _authenticate(self, exchange: _Exchange) -> _Token | None:
-        header = exchange.handler.headers.get("Authorization", "")
+    def _resource(self, exchange: Exchange, endpoint: str, tenant: SimTenant, param: str) -> Reply:
+        if endpoint == "users":
+            return sim_graph.list_users(self, exchange, tenant)
+        if endpoint == "usersCount":
+            return sim_graph.count_users(self, exchange, tenant)
+        if endpoint == "user":
+            return sim_graph.get_user(self, exchange, tenant, param)
+        if endpoint == "usersDelta":
+            return sim_delta.users_delta(self, exchange, tenant)
+        if endpoint == "group":
+            return sim_graph.get_group(self, exchange, tenant, param)
+        if endpoint == "managedDevices":
+            return sim_graph.list_devices(self, exchange, tenant)
+        if endpoint == "managedDevice":
+            return sim_graph.get_device(self, exchange, tenant, param)
+        if endpoint == "subscribedSkus":
+            return sim_graph.subscribed_skus(self, exchange, tenant)
+        if endpoint == "subscriptions":
+            return sim_graph.subscriptions(self, exchange, tenant)
+        return sim_graph.organization(self, exchange, tenant)
+
+    def _authenticate(self, exchange: Exchange) -> _Token | None:
+        header = exchange.header("Authorization")
         value = header[7:] if header.startswith("Bearer ") else ""
         exchange.token = value or None
         if not value:
@@ -427,258 +515,16 @@ class GraphSimulator:
             return None
         return token
 
-    def _collection(
-        self,
-        exchange: _Exchange,
-        tenant: SimTenant,
-        endpoint: str,
-        items: list[dict[str, Any]],
-        known: frozenset[str] | None,
-        defaults: tuple[str, ...] | None,
-    ) -> None:
-        query = exchange.query
-        if "$skiptoken" in query:
-            with self._lock:
-                cursor = self._cursors.get(query["$skiptoken"])
-            if cursor is None or cursor.tenant_id != tenant.tenant_id or cursor.endpoint != endpoint:
-                exchange.graph_error(
-                    400, "Directory_ExpiredPageToken", "The specified page token value has expired."
-                )
-                return
-        else:
-            select = _select(query)
-            if select is not None and known is not None:
-                bad = [name for name in select if name not in known]
-                if bad:
-                    exchange.graph_error(
-                        400,
-                        "Request_BadRequest",
-                        f"Could not find a property named '{bad[0]}' on type 'microsoft.graph.user'.",
-                    )
-                    return
-            default_top = 100 if endpoint == "users" else self.subscriptions_page_size
-            top_text = query.get("$top", str(default_top))
-            if not top_text.isdigit() or not 1 <= int(top_text) <= 999:
-                exchange.graph_error(
-                    400,
-                    "Request_BadRequest",
-                    f"Invalid page size specified: '{top_text}'. Must be between 1 and 999 inclusive.",
-                )
-                return
-            cursor = _Cursor(tenant.tenant_id, endpoint, 0, int(top_text), select or defaults)
-        page = items[cursor.offset : cursor.offset + cursor.top]
-        fields = cursor.select
-        body: dict[str, Any] = {
-            "@odata.context": f"{self.base_url}/v1.0/$metadata#{endpoint}",
-            "value": [_project(item, fields) if fields else item for item in page],
-        }
-        if cursor.offset + cursor.top < len(items):
-            following = _Cursor(
-                tenant.tenant_id, endpoint, cursor.offset + cursor.top, cursor.top, cursor.select
-            )
-            skiptoken = "RFNwdAIAAQAAA" + secrets.token_urlsafe(24)
-            with self._lock:
-                self._cursors[skiptoken] = following
-            params: dict[str, str] = {}
-            if cursor.select and cursor.select != defaults:
-                params["$select"] = ",".join(cursor.select)
-            params["$top"] = str(cursor.top)
-            params["$skiptoken"] = skiptoken
-            path = "/v1.0/users" if endpoint == "users" else "/v1.0/directory/subscriptions"
-            body["@odata.nextLink"] = f"{self.base_url}{path}?{urlencode(params, safe='$,')}"
-        exchange.send_json(200, body)
 
-    def record(self, record: RequestRecord) -> None:
-        with self._lock:
-            self.log.append(record)
-
-
-class _Exchange:
-    """One request and its answer (every answer is logged)."""
-
-    def __init__(
-        self,
-        handler: _Handler,
-        method: str,
-        endpoint: str,
-        path: str,
-        query: dict[str, str],
-        form: dict[str, str],
-        sim: GraphSimulator,
-    ) -> None:
-        self.handler = handler
-        self.method = method
-        self.endpoint = endpoint
-        self.path = path
-        self.query = query
-        self.form = form
-        self.sim = sim
-        self.token: str | None = None
-
-    def _record(self, status: int | None) -> None:
-        safe_form = {k: v for k, v in self.form.items() if k not in {"client_secret", "client_assertion"}}
-        self.sim.record(
-            RequestRecord(
-                self.method, self.endpoint, self.path, dict(self.query), status, self.token, safe_form
-            )
-        )
-
-    def send(
-        self, status: int, body: bytes, *, content_type: str, headers: dict[str, str] | None = None
-    ) -> None:
-        self._record(status)
-        handler = self.handler
-        handler.send_response(status)
-        handler.send_header("Content-Type", content_type)
-        handler.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            handler.send_header(name, value)
-        handler.end_headers()
-        handler.wfile.write(body)
-
-    def send_json(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-        payload = json.dumps(body).encode("utf-8")
-        self.send(status, payload, content_type="application/json; charset=utf-8", headers=headers)
-
-    def graph_error(
-        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
-    ) -> None:
-        inner = {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "request-id": secrets.token_hex(8)}
-        self.send_json(status, {"error": {"code": code, "message": message, "innerError": inner}}, headers)
-
-    def aad_error(self, status: int, error: str, code: int, description: str) -> None:
-        self.send_json(
-            status,
-            {
-                "error": error,
-                "error_description": f"AADSTS{code}: {description} Trace ID: {secrets.token_hex(8)}",
-                "error_codes": [code],
-                "timestamp": time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime()),
-                "trace_id": secrets.token_hex(8),
-                "correlation_id": secrets.token_hex(8),
-            },
-        )
-
-    def reset(self) -> None:
-        """Drop the connection with a TCP reset instead of answering."""
-        self._record(None)
-        connection = self.handler.connection
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        connection.close()
-        self.handler.close_connection = True
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 30
-    server: _Server
-
-    def do_GET(self) -> None:
-        self.server.sim.handle(self, "GET")
-
-    def do_POST(self) -> None:
-        self.server.sim.handle(self, "POST")
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(
-        self, address: tuple[str, int], handler: type[_Handler], context: ssl.SSLContext, sim: GraphSimulator
-    ) -> None:
-        super().__init__(address, handler)
-        self.context = context
-        self.sim = sim
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        # TLS is set up here, in the connection's own thread, so a slow handshake blocks no one.
-        request.settimeout(10)
-        try:
-            connection = self.context.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError):
-            return
-        try:
-            _Handler(connection, client_address, self)
-        finally:
-            connection.close()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:  # resets and timeouts are expected
-        pass
-
-
-# ---------------------------------------------------------------------------- helpers
 def _classify(path: str) -> tuple[str, str | None]:
-    if path in GRAPH_PATHS:
-        return GRAPH_PATHS[path], None
-    match = _OPENID.match(path)
-    if match:
-        return "openid", match.group(1)
-    match = _TOKEN.match(path)
-    if match:
-        return "token", match.group(1)
+    for pattern, endpoint in _ROUTES:
+        match = pattern.match(path)
+        if match:
+            return endpoint, (match.group(1) if match.groups() else None)
     return "unknown", None
 
 
-def _select(query: dict[str, str]) -> tuple[str, ...] | None:
-    if "$select" not in query:
-        return None
-    return tuple(name.strip() for name in query["$select"].split(",") if name.strip())
+if __name__ == "__main__":
+    from tests.entra.sim_server import main
 
-
-def _project(item: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
-    return {name: item.get(name) for name in fields}
-
-
-def _b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
-
-
-def _verify_assertion(assertion: str, app: SimApp, audience: str) -> str | None:
-    """Why a client assertion is not acceptable for this app, or None if it is."""
-    if app.certificate is None:
-        return "the app has no certificate"
-    try:
-        header_part, payload_part, signature_part = assertion.split(".")
-        header = json.loads(_b64url_decode(header_part))
-        payload = json.loads(_b64url_decode(payload_part))
-        signature = _b64url_decode(signature_part)
-    except ValueError:
-        return "not a JWT"
-    certificate = app.certificate
-    public_key = certificate.public_key()
-    if not isinstance(public_key, rsa.RSAPublicKey):
-        return "the app's certificate has no RSA key"
-    algorithm = header.get("alg")
-    scheme: padding.AsymmetricPadding
-    if algorithm == "RS256":
-        # msal keeps the base64 padding, other libraries drop it; Entra accepts both.
-        if str(header.get("x5t", "")).rstrip("=") != b64url(certificate.fingerprint(hashes.SHA1())):
-            return "x5t does not match a certificate of the app"
-        scheme = padding.PKCS1v15()
-    elif algorithm == "PS256":
-        if str(header.get("x5t#S256", "")).rstrip("=") != b64url(certificate.fingerprint(hashes.SHA256())):
-            return "x5t#S256 does not match a certificate of the app"
-        scheme = padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.DIGEST_LENGTH)
-    else:
-        return f"unsupported alg {algorithm!r}"
-    try:
-        public_key.verify(signature, f"{header_part}.{payload_part}".encode("ascii"), scheme, hashes.SHA256())
-    except InvalidSignature:
-        return "the signature does not verify"
-    now = time.time()
-    if payload.get("aud") != audience:
-        return f"aud {payload.get('aud')!r} is not the token endpoint"
-    if payload.get("iss") != app.client_id or payload.get("sub") != app.client_id:
-        return "iss/sub is not the client id"
-    if not isinstance(payload.get("exp"), int | float) or payload["exp"] < now:
-        return "the assertion has expired"
-    if isinstance(payload.get("nbf"), int | float) and payload["nbf"] > now + 300:
-        return "the assertion is not valid yet"
-    return None
+    raise SystemExit(main())
