@@ -95,8 +95,8 @@ class _EstateState:
 
     def can_evaluate(self) -> bool:
         """The pipeline's sources all have data (those of them that are configured)."""
-        needed = self.pipeline.required & (set(self.sources) | {"ad"})
-        return "ad" in self.sources and all(kind in self.data for kind in needed)
+        needed = self.pipeline.required
+        return needed <= set(self.sources) and all(kind in self.data for kind in needed)
 
 
 class Engine:
@@ -228,7 +228,7 @@ class Engine:
         """Run one refresh of one source synchronously, then evaluate (tests, and `trace`)."""
         estate = self._estates[estate_name]
         self._refresh_with_deadline(estate, estate.sources[kind])
-        if not self._started:
+        if not self._started and estate.dirty:
             self._evaluate(estate)
 
     def refresh_all(self) -> None:

@@ -250,7 +250,7 @@ _ARRAY_CODES = {"f8": "d", "i8": "q", "i4": "i", "i2": "h", "i1": "b", "bool": "
 class TableBuilder:
     """Collects rows of one table value by value, straight into compact buffers.
 
-    Numbers go into ``array.array``\ s, GUIDs and text into byte buffers: a row costs its bytes, not
+    Numbers go into ``array.array`` objects, GUIDs and text into byte buffers: a row costs its bytes, not
     a Python object per field, and ``columns()`` hands the buffers to numpy without copying.
     """
 

@@ -10,19 +10,19 @@ from collectors import ExporterCollector, default_collectors
 from exporter.config import Config, EstateConfig
 from exporter.engine import Engine
 from exporter.model import (
-    STAGES,
     CmComponent,
-    ConfigMgrData,
     HttpStats,
     OrganizationData,
     SubscribedSku,
     Subscription,
 )
+from exporter.pipelines.definitions import HYBRID_MDM
 from exporter.sources.base import SourceError
 from tests.builders import ad, ad_user, cm, cm_for, entra, entra_for
 from tests.fakes import Clock, FakeSource
 
 NOW = 1_000_000.0
+STAGES = HYBRID_MDM.stages
 
 
 class GraphFake(FakeSource):
@@ -32,9 +32,9 @@ class GraphFake(FakeSource):
         )
 
 
-def scrape(engine, user_label="upn", listed=25):
+def scrape(engine, listed=25):
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(ExporterCollector(engine.snapshot, default_collectors(user_label, listed)))
+    registry.register(ExporterCollector(engine.snapshot, default_collectors(listed)))
     text = generate_latest(registry).decode()
     samples = {}
     for family in text_string_to_metric_families(text):
@@ -59,10 +59,8 @@ def full_engine(stuck_users=5, kinds=("ad", "entra", "configmgr", "entra_organiz
         True,
         NOW - 120,
         (
-            SubscribedSku(
-                "061f9ace-7d42-4136-88ac-31dc755f143f", "INTUNE_A", "Enabled", "User", 12, 10, 2, 1, 0
-            ),
-            SubscribedSku("abc", "MYSTERY_SKU", "Enabled", "User", 1, 5, 0, 0, 0),
+            SubscribedSku("061f9ace-7d42-4136-88ac-31dc755f143f", "INTUNE_A", 12, 10, 2, 1, 0),
+            SubscribedSku("abc", "MYSTERY_SKU", 1, 5, 0, 0, 0),
         ),
         (
             Subscription(
@@ -72,14 +70,13 @@ def full_engine(stuck_users=5, kinds=("ad", "entra", "configmgr", "entra_organiz
                 "LockedOut",
                 True,
                 10,
-                None,
                 NOW + 86400,
             ),
-            Subscription("s2", "abc", "MYSTERY_SKU", "Enabled", False, 5, None, None),
+            Subscription("s2", "abc", "MYSTERY_SKU", "Enabled", False, 5, None),
         ),
     )
-    cm_data = ConfigMgrData(
-        users=cm(cm_for(done, in_collection=True, cloud_user_id=synced_done.id)).users,
+    cm_data = cm(
+        cm_for(done, in_collection=True, cloud_user_id=synced_done.id),
         components=(
             CmComponent("PS1", "CM01", "SMS_CLOUD_USERSYNC", 1),
             CmComponent("PS1", "CM02", "SMS_CLOUD_USERSYNC", 2),
@@ -88,7 +85,7 @@ def full_engine(stuck_users=5, kinds=("ad", "entra", "configmgr", "entra_organiz
     )
     data = {
         "ad": ad(*users, done),
-        "entra": entra(synced_done, cloud_only=1),
+        "entra": entra(synced_done, entra_for(ad_user("cloudonly"), sync_enabled=False)),
         "configmgr": cm_data,
         "entra_organization": org,
     }
@@ -151,9 +148,9 @@ def test_stuck_user_info_is_capped_longest_waiting_first():
 
 
 def test_user_label_none_drops_stuck_user_info_and_sam_uses_sam():
-    _, samples = scrape(full_engine(), user_label="none")
+    _, samples = scrape(full_engine(user_label="none"))
     assert "intune_provisioning_stuck_user_info" not in names(samples)
-    _, samples = scrape(full_engine(), user_label="sam")
+    _, samples = scrape(full_engine(user_label="sam"))
     users = {dict(lbl)["user"] for n, lbl in samples if n == "intune_provisioning_stuck_user_info"}
     assert users == {f"col{i}" for i in range(5)}
 
@@ -321,7 +318,7 @@ def test_failing_collector_does_not_blank_the_scrape():
 
     engine = full_engine()
     registry = CollectorRegistry()
-    registry.register(ExporterCollector(engine.snapshot, [Broken(), *default_collectors("upn", 25)]))
+    registry.register(ExporterCollector(engine.snapshot, [Broken(), *default_collectors(25)]))
     text = generate_latest(registry).decode()
     assert 'intune_exporter_collector_success{collector="broken"} 0.0' in text
     assert 'intune_provisioning_users{estate="contoso",provisioning_stage="ad_created"} 5.0' in text
@@ -331,6 +328,40 @@ def test_describe_returns_nothing_so_registering_reads_nothing():
     def explode():
         raise AssertionError("registering must not take a snapshot")
 
-    collector = ExporterCollector(explode, default_collectors("upn", 25))
+    collector = ExporterCollector(explode, default_collectors(25))
     assert collector.describe() == []
     CollectorRegistry(auto_describe=True).register(collector)
+
+
+def test_reasons_every_pair_present_and_on_the_stuck_user_info():
+    _, samples = scrape(full_engine())
+    for reason in HYBRID_MDM.reasons:
+        key = (
+            "intune_provisioning_stuck_reason_users",
+            (("estate", "contoso"), ("provisioning_stage", reason.stage), ("reason", reason.name)),
+        )
+        assert key in samples
+    # No Entra user matches the five stuck AD users and Entra Connect synced after they were created.
+    assert (
+        value(
+            samples,
+            "intune_provisioning_stuck_reason_users",
+            estate="contoso",
+            provisioning_stage="ad_created",
+            reason="entra_not_synced",
+        )
+        == 5
+    )
+    infos = [dict(lbl) for n, lbl in samples if n == "intune_provisioning_stuck_user_info"]
+    assert infos and all(info["reason"] == "entra_not_synced" for info in infos)
+    assert value(samples, "intune_provisioning_pipeline_info", estate="contoso", pipeline="hybrid_mdm") == 1
+
+
+def test_hash_labels_are_keyed():
+    engine = full_engine(user_label="hash")
+    _, samples = scrape(engine)
+    users = {dict(lbl)["user"] for n, lbl in samples if n == "intune_provisioning_stuck_user_info"}
+    assert len(users) == 5 and all(len(u) == 16 for u in users)
+    other = full_engine(user_label="hash")  # another key (none configured, no state file)
+    _, again = scrape(other)
+    assert users != {dict(lbl)["user"] for n, lbl in again if n == "intune_provisioning_stuck_user_info"}
