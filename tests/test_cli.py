@@ -12,6 +12,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -198,3 +200,79 @@ def test_config_check_builds_clients_and_reports_bad_certificate(tmp_path):
     result = run("--config.check", "--config.file", str(config))
     assert result.returncode == 2
     assert "certificate_file" in result.stderr and "private key" in result.stderr
+
+
+# ------------------------------------------------------------------------ config errors
+VALID_ESTATE = """
+estates:
+  - name: contoso
+    configmgr:
+      connection_string: "DRIVER={SQLite3};Database=/nonexistent.sqlite"
+      intune_collection_ids: [PS100012]
+"""
+
+
+def check(tmp_path, text: str | bytes, *extra: str):
+    config = tmp_path / "config.yml"
+    if isinstance(text, bytes):
+        config.write_bytes(text)
+    else:
+        config.write_text(text)
+    return run("--config.check", "--config.file", str(config), *extra)
+
+
+def assert_usage_error(result, *expected: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    for text in expected:
+        assert text in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("refresh_interval: 300y\n" + VALID_ESTATE, "refresh_interval: must be at most 7d, got 300y"),
+        (
+            VALID_ESTATE + "      query_timeout: 100000000000000000d\n",
+            "estates[0].configmgr.query_timeout: must be at most 1d, got 100000000000000000d",
+        ),
+        (
+            "refresh_interval: 5m\nrefresh_interval: 1m\n" + VALID_ESTATE,
+            "refresh_interval: duplicate key (lines 1 and 2)",
+        ),
+        ("- estates\n- refresh_interval\n", "top level: must be a mapping, got a list"),
+        ("state_file: ''\n" + VALID_ESTATE, "state_file: must not be empty"),
+        (b"refresh_interval: 5m\xe9\n", "is not UTF-8 text (byte 0xe9 at line 1, column 21)"),
+        ("estates: []\n".encode("utf-16"), "is UTF-16 text; save it as UTF-8"),
+        (bytes(range(256)), "is not UTF-8 text"),
+    ],
+)
+def test_bad_config_files_exit_2_naming_the_key(tmp_path, text, expected):
+    assert_usage_error(check(tmp_path, text), expected)
+
+
+def test_overflowing_timeout_is_refused_before_serving(tmp_path):
+    config = tmp_path / "config.yml"
+    config.write_text(VALID_ESTATE.replace("    configmgr:", "    configmgr:\n      query_timeout: 300y"))
+    result = run("--config.file", str(config), "--web.listen-address", f"127.0.0.1:{free_port()}")
+    assert_usage_error(result, "estates[0].configmgr.query_timeout: must be at most 1d, got 300y")
+
+
+@pytest.mark.parametrize("special", ["fifo", "/dev/zero", "binary"])
+def test_secret_file_that_is_no_text_file_exits_2_without_blocking(tmp_path, special):
+    if special == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+    if special == "binary":
+        (tmp_path / "binary").write_bytes(b"\xff\xfe\x00\x01garbage")
+    text = VALID_ESTATE.replace(
+        "intune_collection_ids", f"password_file: {special}\n      intune_collection_ids"
+    )
+    result = check(tmp_path, text)
+    message = "binary is UTF-16 text" if special == "binary" else f"not a regular file: {special}"
+    assert_usage_error(result, f"estates[0].configmgr.password_file: {message}")
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "-inf", "0", "-1", "1e300"])
+def test_demo_time_scale_must_be_a_sane_positive_number(scale):
+    result = run("--demo", f"--demo.time-scale={scale}", "--web.listen-address", f"127.0.0.1:{free_port()}")
+    assert_usage_error(result, "--demo.time-scale: must be a number greater than 0")
