@@ -519,6 +519,14 @@ class OnlyFor:
 
 
 @dataclasses.dataclass(frozen=True)
+class RequiredFor:
+    """Marks an optional section that estates of these pipelines must configure (an estate of any
+    other pipeline needs at least one source)."""
+
+    pipelines: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class WhenMissing:
     """What to tell a user who left out this required key."""
 
@@ -649,7 +657,8 @@ def _fields(cls: type[_Section]) -> dict[str, Any]:
 
 
 def _mentions(annotation: Any, wanted: type) -> bool:
-    if annotation is wanted:
+    """Whether a field's type is ``wanted`` (or a subclass), alone, optional or annotated."""
+    if isinstance(annotation, type) and issubclass(annotation, wanted):
         return True
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType, Annotated):
@@ -857,9 +866,7 @@ class ConfigMgrConfig(_Section):
 
 
 _CLOUD_ONLY = OnlyFor(("cloud",))
-# Which sources a pipeline's chain reads (hybrid_mdm: any one of them is useful on its own).
-_SOURCE_KEYS = ("active_directory", "entra", "configmgr")
-_REQUIRED_SOURCES: dict[str, tuple[str, ...]] = {"cloud": ("active_directory", "entra")}
+_NEEDED_BY_CLOUD = RequiredFor(("cloud",))  # its chain starts in AD and Entra; ConfigMgr is optional
 
 
 @dataclass(frozen=True, config=_MODEL_CONFIG)
@@ -870,8 +877,12 @@ class EstateConfig(_Section):
         description="Provisioning chain: hybrid_mdm (AD -> Entra -> ConfigMgr -> Intune connector) or "
         "cloud (AD -> Entra -> Intune licence -> enrolled device -> compliant device).",
     )
-    active_directory: ActiveDirectoryConfig | None = Field(default=None, description="The AD source.")
-    entra: EntraConfig | None = Field(default=None, description="The Entra ID (Microsoft Graph) source.")
+    active_directory: Annotated[ActiveDirectoryConfig | None, _NEEDED_BY_CLOUD] = Field(
+        default=None, description="The AD source (required for pipeline: cloud)."
+    )
+    entra: Annotated[EntraConfig | None, _NEEDED_BY_CLOUD] = Field(
+        default=None, description="The Entra ID (Microsoft Graph) source (required for pipeline: cloud)."
+    )
     configmgr: ConfigMgrConfig | None = Field(default=None, description="The ConfigMgr site database source.")
     stuck_after: Mapping[str, StuckAfter] = Field(
         default_factory=dict,
@@ -932,13 +943,16 @@ class EstateConfig(_Section):
             if only_for is not None and pipeline not in only_for.pipelines:
                 needed = " or ".join(only_for.pipelines)
                 problems.append(((key,), f"only applies to pipeline: {needed} (this estate's is {pipeline})"))
-        required = _REQUIRED_SOURCES.get(pipeline)
-        if required is not None:
+        sources = [name for name, info in _fields(cls).items() if _mentions(info.annotation, _Section)]
+        required = [
+            name for name in sources if pipeline in getattr(_marker(cls, name, RequiredFor), "pipelines", ())
+        ]
+        if required:
             problems += [
                 ((key,), f"required for pipeline: {pipeline}") for key in required if key not in data
             ]
-        elif not any(key in data for key in _SOURCE_KEYS):
-            problems.append(((), "configure at least one of " + ", ".join(_SOURCE_KEYS)))
+        elif not any(key in data for key in sources):
+            problems.append(((), "configure at least one of " + ", ".join(sources)))
         return problems
 
 
