@@ -111,7 +111,12 @@ def check_config(path: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["trace"]:
+        from exporter.trace import main as trace_main
+
+        return trace_main(arguments[1:])
+    args = build_parser().parse_args(arguments)
     max_time_scale = 1e6  # a simulated day in 0.09 s; beyond that timestamps leave any sane range
     if not 0 < args.demo_time_scale <= max_time_scale:  # NaN fails every comparison
         print(

@@ -322,6 +322,20 @@ class StateStore:
         self._remove_unreferenced(manifest)
         return result
 
+    def load_first_seen(self, estate: str) -> FirstSeen | None:
+        """Only the first-seen times of one estate (what ``trace`` needs), without reading tables."""
+        try:
+            manifest = _Manifest.model_validate_json(self.path.read_bytes())
+        except (OSError, ValidationError):
+            return None
+        entry = manifest.estates.get(estate)
+        if manifest.version != STATE_VERSION or entry is None or entry.first_seen is None:
+            return None
+        table = read_table(self.directory / entry.first_seen, FirstSeenTable)
+        return FirstSeen.from_rows(
+            entry.pipeline, table.array("key"), table.array("stage"), table.array("since")
+        )
+
     def _load_estate(self, entry: _EstateEntry) -> EstateState:
         estate = EstateState(pipeline=entry.pipeline)
         for kind, source in entry.sources.items():
