@@ -10,6 +10,7 @@ APT_PACKAGES=(
   samba samba-ad-dc samba-ad-provision
   unixodbc unixodbc-dev tdsodbc odbc-postgresql libsqliteodbc
   postgresql
+  chromium chromium-driver
 )
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
