@@ -162,8 +162,9 @@ class _Identity:
 
     def account(self) -> str:
         created = iso(float(self.ad.array("created")[self.row]))
+        upn = self.ad.text("upn", self.row) or "none"
         return (
-            f"AD account {self.ad.netbios_domain}\\{self.sam} (UPN {self.ad.text('upn', self.row) or 'none'}, "
+            f"AD account {self.ad.netbios_domain}\\{self.sam} (UPN {upn}, "
             f"objectSid {self.ad.text('sid', self.row)}, created {created or 'unknown'})"
         )
 
@@ -184,15 +185,32 @@ class _Identity:
         created = iso(float(self.entra.array("created")[self.e]))
         return f"synced Entra user {self.entra_user(self.e)} matched by {by}, created {created or 'unknown'}"
 
+    def synced_namesake(self) -> str:
+        """A synced Entra user with this UPN that did not match: bound to another (often an earlier,
+        deleted) AD account, which is why this one is not synced."""
+        for other in self.entra.index("k_upn").rows_with(int(self.ad.array("k_upn")[self.row])):
+            if self.entra.array("synced")[other]:
+                bound = self.entra.text("imm", int(other)) or self.entra.text("sid", int(other))
+                return (
+                    f"; synced Entra user {self.entra_user(int(other))} has this UPN but belongs to "
+                    f"another AD account (onPremisesImmutableId/SID {bound or 'null'})"
+                )
+        return ""
+
     def identity_detail(self, reason: str) -> str | None:
         if reason == "entra_cloud_user_conflict":
             found = conflicting_entra_row(self.ad, self.entra, self.row)
             if found is None:
                 return "a cloud-only Entra user holds this user's identifiers"
             other, what = found
+            value = {
+                "immutable id": self.immutable_id(),
+                "SID": self.ad.text("sid", self.row),
+                "UPN": self.ad.text("upn", self.row),
+            }[what]
             return (
                 f"cloud-only Entra user {self.entra_user(other)} (onPremisesSyncEnabled not true) "
-                f"has this user's {what}"
+                f"has this user's {what} {value}"
             )
         if reason == "entra_sync_pending":
             last = self.organization.last_sync if self.organization else None
@@ -204,8 +222,9 @@ class _Identity:
             last = self.organization.last_sync if self.organization else None
             when = f"; Entra Connect last synced {iso(last)}" if last is not None else ""
             return (
-                f"no Entra user has onPremisesImmutableId {self.immutable_id()}, onPremisesSecurityIdentifier "
-                f"{self.ad.text('sid', self.row)} or UPN {self.ad.text('upn', self.row)}{when}"
+                f"no synced Entra user has onPremisesImmutableId {self.immutable_id()} or "
+                f"onPremisesSecurityIdentifier {self.ad.text('sid', self.row)}, and no cloud-only user has "
+                f"them or UPN {self.ad.text('upn', self.row)}{self.synced_namesake()}{when}"
             )
         if reason == "entra_account_disabled" and self.e >= 0:
             return f"Entra user {self.entra_user(self.e)} has accountEnabled false"
@@ -364,9 +383,10 @@ class _CloudExplainer(_Identity):
         assert self.devices is not None
         d = self.devices
         name = d.text("name", row) or guid_text_of(bytes(d.array("id")[row].tobytes()))
+        last_sync = iso(float(d.array("last_sync")[row])) or "never"
         return (
             f"{name} ({d.cat('os').get(row) or 'unknown OS'}, {d.cat('compliance').get(row) or 'unknown'}, "
-            f"{d.cat('agent').get(row) or 'unknown agent'}, last sync {iso(float(d.array('last_sync')[row])) or 'never'})"
+            f"{d.cat('agent').get(row) or 'unknown agent'}, last sync {last_sync})"
         )
 
     def licences(self) -> str:
@@ -424,7 +444,8 @@ class _CloudExplainer(_Identity):
             for s in self.intune_states():
                 if s["error"] not in (None, "None") and (wanted is None or s["error"] in wanted):
                     via = f" (assigned by group {s['group']})" if s["group"] else " (assigned directly)"
-                    return f"{self.sku_name(s['sku'])} assignment failed with {s['error']}{via}{self.units(s['sku'])}"
+                    failed = f"{self.sku_name(s['sku'])} assignment failed with {s['error']}"
+                    return f"{failed}{via}{self.units(s['sku'])}"
         if reason == "license_usage_location_missing":
             location = self.entra.text("usage_location", self.e) if self.e >= 0 else None
             states = "; ".join(
@@ -433,6 +454,11 @@ class _CloudExplainer(_Identity):
             return f"usageLocation is {location or 'not set'}; {states}"
         if reason == "intune_plan_disabled":
             return f"assigned with every Intune plan ({plans}) disabled: {self.licences()}"
+        if reason == "no_intune_license" and self.organization is None:
+            return (
+                "the tenant's subscribedSkus were never read, so no licence shows an Intune plan: "
+                f"{self.licences()}"
+            )
         if reason == "no_intune_license":
             return f"no assigned licence has an Intune plan ({plans}): {self.licences()}"
         if reason == "device_enrollment_pending":
@@ -443,7 +469,8 @@ class _CloudExplainer(_Identity):
         devices = self.device_rows()
         listed = "; ".join(self.describe_device(r) for r in devices)
         if reason == "device_stale":
-            return f"every device last synced more than {format_duration(self.evaluation.settings.device_stale_after)} ago: {listed}"
+            stale = format_duration(self.evaluation.settings.device_stale_after)
+            return f"every device last synced more than {stale} ago: {listed}"
         if reason == "device_noncompliant":
             return f"a device is noncompliant: {listed}"
         if reason == "device_in_grace_period":
