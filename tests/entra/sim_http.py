@@ -219,20 +219,19 @@ class Server(ThreadingHTTPServer):
     def finish_request(self, request: Any, client_address: Any) -> None:
         # TLS is set up here, in the connection's own thread, so a slow handshake blocks no one.
         request.settimeout(10)
-        with self._connections_lock:
-            self._connections.add(request)
         try:
-            try:
-                connection = self.context.wrap_socket(request, server_side=True)
-            except (ssl.SSLError, OSError):
-                return
-            try:
-                Handler(connection, client_address, self)
-            finally:
-                connection.close()
+            connection = self.context.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        # Tracked from here (wrapping detached `request`), so that cut_connections can end keep-alives.
+        with self._connections_lock:
+            self._connections.add(connection)
+        try:
+            Handler(connection, client_address, self)
         finally:
             with self._connections_lock:
-                self._connections.discard(request)
+                self._connections.discard(connection)
+            connection.close()
 
     def cut_connections(self) -> None:
         """Shut every open connection down, as a server that goes away does."""
