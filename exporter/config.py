@@ -675,9 +675,8 @@ def _known_keys(cls: type[_Section], data: dict[Any, Any], problems: list[Proble
     clean: dict[str, Any] = {}
     for key, value in data.items():
         if not isinstance(key, str) or key not in allowed:
-            problems.append(
-                ((_shown(key) if not isinstance(key, str) else key,), f"unknown key{_hint(key, allowed)}")
-            )
+            name = key if isinstance(key, str) else _shown(key)
+            problems.append(((name,), f"unknown key{_hint(key, allowed)}"))
         elif value is not None:
             clean[key] = value
     return clean
@@ -721,17 +720,23 @@ def _message(cls: type[_Section], error: Any) -> str:
     if kind == "literal_error":
         choices = re.findall(r"'([^']*)'", error["ctx"]["expected"])
         return f"must be one of {', '.join(choices)}, got {_shown(value)}{_hint(value, choices)}"
-    if kind in ("unexpected_keyword_argument", "extra_forbidden"):
-        return "unknown key"
-    if kind in ("dict_type", "dataclass_type", "dataclass_args_type", "model_type", "mapping_type"):
-        return f"must be a mapping, got {_kind(value)}"
-    if kind in ("tuple_type", "list_type", "iterable_type"):
-        return f"must be a list, got {_kind(value)}"
-    if kind in ("string_type", "string_sub_type"):
-        return f"must be a string, got {_kind(value)}"
-    if kind == "invalid_key":
-        return "keys must be strings"
+    if kind in _TYPE_MESSAGES:
+        return _TYPE_MESSAGES[kind].format(kind=_kind(value))
     return str(error["msg"])
+
+
+# Pydantic's own error types that reach users, in their words.
+_TYPE_MESSAGES = {
+    "unexpected_keyword_argument": "unknown key",
+    "extra_forbidden": "unknown key",
+    "invalid_key": "keys must be strings",
+    **dict.fromkeys(
+        ("dict_type", "dataclass_type", "dataclass_args_type", "model_type", "mapping_type"),
+        "must be a mapping, got {kind}",
+    ),
+    **dict.fromkeys(("tuple_type", "list_type", "iterable_type"), "must be a list, got {kind}"),
+    **dict.fromkeys(("string_type", "string_sub_type"), "must be a string, got {kind}"),
+}
 
 
 # ----------------------------------------------------------------------------------- sources
