@@ -112,9 +112,12 @@ def guid_order_key(guids: Array) -> tuple[U64, U64]:
 
 
 # ------------------------------------------------------------------------------------ text
-def _clip(value: bytes) -> bytes:
+def _clip(value: bytes, text: bool = True) -> bytes:
+    """At most MAX_TEXT_BYTES; text is cut at a character boundary, raw bytes just cut."""
     if len(value) <= MAX_TEXT_BYTES:
         return value
+    if not text:
+        return value[:MAX_TEXT_BYTES]
     return value[:MAX_TEXT_BYTES].decode("utf-8", "ignore").encode("utf-8")
 
 
@@ -210,7 +213,7 @@ class BlobBuilder:
             self._nulls.append(1)
         else:
             encoded = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
-            self._data += encoded if len(encoded) <= MAX_TEXT_BYTES else _clip(encoded)
+            self._data += encoded if len(encoded) <= MAX_TEXT_BYTES else _clip(encoded, self.text)
             if self._nulls is not None:
                 self._nulls.append(0)
         self._offsets.append(len(self._data))

@@ -793,6 +793,7 @@ def _merge(old: Any, new_rows: Any, changed: set[bytes], guid_column: str) -> An
 
     Rows keep their order; a table is always compact (no deleted rows left behind).
     """
+    new_rows = _last_of_each(new_rows, guid_column)
     kept = old
     if changed and old.n:
         wanted = np.frombuffer(b"".join(sorted(changed)), dtype="V16")
@@ -807,6 +808,18 @@ def _merge(old: Any, new_rows: Any, changed: set[bytes], guid_column: str) -> An
     if not new_rows.n:
         return kept.derive(kept.columns(), kept.children, meta)
     return type(old).concat([kept, new_rows], meta=meta)
+
+
+def _last_of_each(table: Any, guid_column: str) -> Any:
+    """The table with one row per ``guid_column`` value, the last one (a delta page may replay a
+    change; the latest version of the object wins), in the order of those last rows."""
+    if table.n < 2:
+        return table
+    halves = np.ascontiguousarray(table.array(guid_column)).view("<u8").reshape(-1, 2)
+    _, first_from_end = np.unique(halves[::-1], axis=0, return_index=True)
+    if len(first_from_end) == table.n:
+        return table
+    return table.take(np.sort(table.n - 1 - first_from_end))
 
 
 # =========================================================================== sources
