@@ -7,8 +7,13 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -813,3 +818,124 @@ def test_counters_per_endpoint_and_status(
     assert sim.request_counts() == {"users": 3, "usersDelta": 1}
     assert sim.status_counts() == {"users": {"200": 2, "429": 1}, "usersDelta": {"200": 1}}
     assert sim.requests_to("usersDelta")[0].headers == {}
+
+
+# ---------------------------------------------------------------------------- standalone mode
+REPO = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def _standalone(tmp_path: Path, *source: str) -> Iterator[tuple[dict[str, Any], requests.Session]]:
+    """Run `python -m tests.entra.graph_sim serve` and yield its JSON line and a session trusting its CA."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tests.entra.graph_sim",
+            "serve",
+            "--port",
+            "0",
+            "--cert-dir",
+            str(tmp_path),
+            *source,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        assert line, process.stderr.read() if process.stderr else "no output"
+        info = json.loads(line)
+        with _session(info["ca_file"]) as session:
+            yield info, session
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
+
+
+def _standalone_token(info: dict[str, Any], http: requests.Session) -> dict[str, str]:
+    data = {
+        "grant_type": "client_credentials",
+        "client_id": info["client_id"],
+        "client_secret": info["client_secret"],
+        "scope": f"{info['base_url']}/.default",
+    }
+    answer = http.post(f"{info['base_url']}/{info['tenant_id']}/oauth2/v2.0/token", data=data, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return {"Authorization": f"Bearer {answer.json()['access_token']}"}
+
+
+def test_standalone_server_with_synthetic_users_and_admin_endpoints(tmp_path: Path) -> None:
+    with _standalone(tmp_path, "--synthetic-users", "3000", "--seed", "3") as (info, http):
+        assert info["users"] == 3000 and info["devices"] > 2500
+        assert Path(info["ca_file"]).read_text().startswith("-----BEGIN CERTIFICATE-----")
+        base, headers = info["base_url"], _standalone_token(info, http)
+        listed, link = 0, f"{base}/v1.0/users?$select=id,licenseAssignmentStates&$top=999"
+        while link:
+            body = _get(http, link, headers).json()
+            listed += len(body["value"])
+            link = body.get("@odata.nextLink")
+        assert listed == 3000
+        pages, delta_link = _round(http, f"{base}/v1.0/users/delta?$select=displayName,department", headers)
+        assert len(_flat(pages)) == 3000 and len(pages) == 15  # 200 per page
+        churn = http.post(
+            f"{base}/_sim/churn", json={"fraction": 0.01, "license_only": 5, "seed": 9}, timeout=30
+        )
+        assert churn.json()["patch"] == 30 and churn.json()["license_only"] == 5
+        first = _get(http, f"{base}/v1.0/users?$top=1&$select=id", headers).json()["value"][0]["id"]
+        http.post(f"{base}/_sim/users", json={"hard_delete": [first]}, timeout=10).raise_for_status()
+        pages, _ = _round(http, delta_link, headers)
+        changes = _flat(pages)
+        # 30 patched users (the deleted one may be among them); licence-only changes are not tracked.
+        assert len(changes) in {30, 31}
+        assert {"id": first, "@removed": {"reason": "deleted"}} in changes
+        devices = _get(http, f"{base}/v1.0/deviceManagement/managedDevices?$select=id,userId", headers).json()
+        assert len(devices["value"]) == 1000 and "@odata.nextLink" in devices
+        http.post(
+            f"{base}/_sim/faults",
+            json={"endpoint": "users", "nth": 1, "kind": "503", "times": 99},
+            timeout=10,
+        )
+        assert _get(http, f"{base}/v1.0/users", headers).status_code == 503
+        http.delete(f"{base}/_sim/faults", timeout=10).raise_for_status()
+        counters = http.get(f"{base}/_sim/counters", timeout=10).json()
+        assert counters["requests"]["usersDelta"] == 15 + 1
+        assert counters["requests"]["users"] == 4 + 1 + 1  # 4 pages of 999, $top=1, the fault
+        assert counters["statuses"]["users"] == {"200": 5, "503": 1}
+        http.post(f"{base}/_sim/counters/reset", timeout=10).raise_for_status()
+        assert http.get(f"{base}/_sim/counters", timeout=10).json()["requests"] == {}
+        stats = http.get(f"{base}/_sim/stats", timeout=10).json()["tenants"][info["tenant_id"]]
+        assert stats["users"] == 2999 and stats["version"] >= 31
+        http.post(f"{base}/_sim/advance", json={"seconds": 8 * 86400}, timeout=10).raise_for_status()
+        assert _error_code(_get(http, delta_link, headers)) == "syncStateNotFound"
+
+
+def test_standalone_server_reads_a_tenant_file(tmp_path: Path) -> None:
+    lines = [json.dumps(user) for user in tenant_data.users(12)]
+    lines.append(json.dumps({"@type": "managedDevice", **tenant_data.managed_device(0, 3)}))
+    lines.append(json.dumps({"@type": "group", **tenant_data.group(tenant_data.user_id(99), "Pilot")}))
+    tenant_file = tmp_path / "tenant.jsonl"
+    tenant_file.write_text("\n".join(lines) + "\n")
+    with _standalone(tmp_path, "--tenant-file", str(tenant_file)) as (info, http):
+        assert info["users"] == 12 and info["devices"] == 1
+        base, headers = info["base_url"], _standalone_token(info, http)
+        user = _get(http, f"{base}/v1.0/users/user00011@contoso.example?$select=id", headers).json()
+        assert user["id"] == tenant_data.user_id(11)
+        device = _get(http, f"{base}/v1.0/deviceManagement/managedDevices", headers).json()["value"]
+        assert device == [tenant_data.managed_device(0, 3)]
+        group = _get(
+            http, f"{base}/v1.0/groups/{tenant_data.user_id(99)}?$select=displayName", headers
+        ).json()
+        assert group["displayName"] == "Pilot"
+
+
+def test_admin_endpoints_answer_only_what_they_know(tmp_path: Path) -> None:
+    with _standalone(tmp_path, "--synthetic-users", "20") as (info, http):
+        base = info["base_url"]
+        assert http.get(f"{base}/_sim/nothing", timeout=10).status_code == 404
+        bad = http.post(f"{base}/_sim/users", json={"patch": [{"id": "no-such-user", "x": 1}]}, timeout=10)
+        assert bad.status_code == 400
+        assert http.post(f"{base}/_sim/users", data=b"{not json", timeout=10).status_code == 400
