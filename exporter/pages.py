@@ -10,12 +10,13 @@ no external assets, so it works offline, behind strict proxies and on a phone. W
 from __future__ import annotations
 
 import html
+import math
 import time
 from collections.abc import Iterable
 from typing import Any
 
 import exporter
-from exporter.durations import format_duration
+from exporter.durations import human_duration
 from exporter.pipelines.explain import explain, find_rows, iso
 from exporter.snapshot import EstateSnapshot, Snapshot, SourceStatus
 
@@ -36,9 +37,14 @@ th{font-weight:600;color:var(--muted);font-size:13px}
 .pill{display:inline-block;padding:0 8px;border-radius:10px;font-size:12px;border:1px solid var(--line)}
 form.search{display:flex;gap:6px;flex-wrap:wrap}form.search input[type=text]{flex:1;min-width:200px;padding:6px 8px;font-size:15px;border:1px solid var(--line);border-radius:6px}
 form.search button,form.search select{padding:6px 12px;font-size:15px;border-radius:6px;border:1px solid var(--line);background:#fff}
-code{font-size:13px;word-break:break-all}.steps li{margin:4px 0;list-style:none}.steps{padding-left:0}
+code{font-size:13px;overflow-wrap:anywhere}.scroll{overflow-x:auto;max-width:100%}
+.track{background:#eaeef2;border-radius:3px;height:14px;overflow:hidden}.steps li{margin:4px 0;list-style:none}.steps{padding-left:0}
 .tick{display:inline-block;width:1.4em;font-weight:700}
-@media (max-width:700px){.hide-narrow{display:none}td,th{padding:4px}main{padding:8px}}
+@media (max-width:700px){.hide-narrow{display:none}td,th{padding:4px}main{padding:8px}
+table.reasons tr,table.reasons td,table.stuck tr,table.stuck td,table.sources tr,table.sources td{display:block;border:0}
+table.reasons tr:first-child,table.stuck tr:first-child,table.sources tr:first-child{display:none}
+table.reasons tr,table.stuck tr,table.sources tr{border-bottom:1px solid var(--line);padding:6px 0}
+table.reasons td.num,table.stuck td.num,table.sources td.num{text-align:left}}
 """
 
 
@@ -49,7 +55,7 @@ def _e(value: object) -> str:
 def _page(title: str, body: str) -> str:
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>{_e(title)}</title><style>{_CSS}</style></head>
+<title>{_e(title)}</title><link rel="icon" href="data:,"><style>{_CSS}</style></head>
 <body><header><h1><a href="./" style="color:#fff;text-decoration:none">intune-provisioning-exporter</a></h1>
 <nav><a href="metrics">metrics</a> · <a href="stuck">stuck (JSON)</a> · <a href="-/ready">ready</a></nav></header>
 <main>{body}</main></body></html>
@@ -57,7 +63,7 @@ def _page(title: str, body: str) -> str:
 
 
 def _waited(seconds: float) -> str:
-    return format_duration(max(0.0, seconds)) if seconds >= 1 else "just now"
+    return human_duration(seconds) if seconds >= 1 else "just now"
 
 
 # ============================================================================ landing page
@@ -99,21 +105,26 @@ def _estate_section(snapshot: Snapshot, estate: EstateSnapshot) -> str:
 
 
 def _funnel(estate: EstateSnapshot, users: dict[str, int] | Any, stuck: dict[str, int] | Any) -> str:
-    total = max(1, max(users.values(), default=0))
+    # Log-scaled bars: the final stage usually holds almost everyone, and a linear scale would
+    # shrink the stages where users wait to invisible slivers. The red part is the stuck share.
+    largest = math.log1p(max(users.values(), default=0)) or 1.0
     rows = []
     for stage in estate.settings.definition.stages:
         count, stuck_count = users[stage], stuck[stage]
-        width = 100.0 * count / total
-        stuck_width = 100.0 * stuck_count / total
+        width = 100.0 * math.log1p(count) / largest
+        stuck_share = 100.0 * stuck_count / count if count else 0.0
         rows.append(
             f"<tr><td>{_e(stage)}</td><td class='num'>{count}</td>"
             f"<td class='num {'bad' if stuck_count else 'muted'}'>{stuck_count}</td>"
-            f"<td class='barcell hide-narrow'><div class='bar' style='width:{width:.1f}%'></div>"
-            f"<div class='bar stuck' style='width:{stuck_width:.1f}%'></div></td></tr>"
+            f"<td class='barcell hide-narrow'><div class='track' style='width:{width:.1f}%'>"
+            f"<div class='bar' style='width:100%;display:flex;justify-content:flex-end'>"
+            f"<div class='bar stuck' style='width:{stuck_share:.1f}%'></div></div></div></td></tr>"
         )
     return (
-        "<h3>Pipeline</h3><table class='funnel'><tr><th>Stage</th><th class='num'>Users</th>"
-        "<th class='num'>Stuck</th><th class='hide-narrow'></th></tr>" + "".join(rows) + "</table>"
+        "<h3>Pipeline</h3><div class='scroll'><table class='funnel'><tr><th>Stage</th><th class='num'>Users</th>"
+        "<th class='num'>Stuck</th><th class='hide-narrow muted'>users (log scale), stuck in red</th></tr>"
+        + "".join(rows)
+        + "</table></div>"
     )
 
 
@@ -129,8 +140,8 @@ def _reasons(estate: EstateSnapshot, counts: Any) -> str:
         return "<h3>Why users are stuck</h3><p class='ok'>Nobody is stuck.</p>"
     rows.sort(key=lambda row: 0)  # keep the contract's order (stage, then precedence)
     return (
-        "<h3>Why users are stuck</h3><table class='reasons'><tr><th>Stage</th><th>Reason</th>"
-        "<th class='num'>Stuck</th><th>What to do</th></tr>" + "".join(rows) + "</table>"
+        "<h3>Why users are stuck</h3><div class='scroll'><table class='reasons'><tr><th>Stage</th><th>Reason</th>"
+        "<th class='num'>Stuck</th><th>What to do</th></tr>" + "".join(rows) + "</table></div>"
     )
 
 
@@ -161,8 +172,8 @@ def _stuck_users(snapshot: Snapshot, estate: EstateSnapshot, rows: Iterable[int]
             f"<td><code>{_e(evaluation.reason_name(row))}</code></td><td class='num'>{_e(_waited(waited))}</td></tr>"
         )
     return (
-        "<h3>Longest-waiting stuck users</h3><table class='stuck'><tr><th>User</th><th>Stage</th>"
-        "<th>Reason</th><th class='num'>Waiting</th></tr>" + "".join(items) + "</table>"
+        "<h3>Longest-waiting stuck users</h3><div class='scroll'><table class='stuck'><tr><th>User</th>"
+        "<th>Stage</th><th>Reason</th><th class='num'>Waiting</th></tr>" + "".join(items) + "</table></div>"
     )
 
 
@@ -195,10 +206,9 @@ def _sources(estate: EstateSnapshot) -> str:
             f"<td class='num'>{'' if status.records is None else status.records}</td><td>{notes}</td></tr>"
         )
     return (
-        "<h3>Sources</h3><table class='sources'><tr><th>Source</th><th class='hide-narrow'>Reads from</th><th>State</th>"
-        "<th>Last success</th><th class='num'>Records</th><th>Last error / warning</th></tr>"
-        + "".join(rows)
-        + "</table>"
+        "<h3>Sources</h3><div class='scroll'><table class='sources'><tr><th>Source</th>"
+        "<th class='hide-narrow'>Reads from</th><th>State</th><th>Last success</th><th class='num'>Records</th>"
+        "<th>Last error / warning</th></tr>" + "".join(rows) + "</table></div>"
     )
 
 

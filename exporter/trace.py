@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from exporter.config import Config, ConfigError, EstateConfig, load_config
-from exporter.durations import format_duration
+from exporter.durations import format_duration, human_duration
 from exporter.model import AdTable, CmTable, DeviceTable, EntraTable, OrganizationData
 from exporter.pipelines import implementation
 from exporter.pipelines.evaluation import EstateData, FirstSeen, evaluate
@@ -115,7 +115,7 @@ def render_text(r: UserExplanation) -> str:
     since = (
         time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(r.entered)) if r.entered == r.entered else "unknown"
     )
-    waited = format_duration(max(0.0, r.waiting))
+    waited = human_duration(r.waiting)
     if r.reason is None:
         lines.append(f"  Done: at {r.stage} since {since}.")
         return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from functools import partial
@@ -19,7 +20,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.engine import Snapshot
 from exporter.httpserver import App, Request, Response
-from exporter.pages import landing_page, stuck_document
+from exporter.pages import TraceNotFound, landing_page, stuck_document, trace_documents, trace_page
 
 Route = Callable[[Request], Response]
 
@@ -27,6 +28,7 @@ TEXT = "text/plain; charset=utf-8"
 HTML = "text/html; charset=utf-8"
 JSON = "application/json"
 TITLE = "intune-provisioning-exporter"
+RENDERING_MAX_AGE = 1.0  # seconds a /metrics rendering is reused while the snapshot is unchanged
 
 
 def build_app(registry: CollectorRegistry, snapshot: Callable[[], Snapshot], user_label: str) -> App:
@@ -42,7 +44,8 @@ def build_app(registry: CollectorRegistry, snapshot: Callable[[], Snapshot], use
             rendering = renderings.get((content_type, compress))
             if rendering is None:
                 render = partial(_exposition, encoder, registry, compress)
-                rendering = renderings[(content_type, compress)] = SharedRendering(render)
+                rendering = SharedRendering(render, snapshot, RENDERING_MAX_AGE)
+                renderings[(content_type, compress)] = rendering
         body = rendering.get()
         return Response(200, body, content_type, {"Content-Encoding": "gzip"} if compress else {})
 
@@ -61,12 +64,29 @@ def build_app(registry: CollectorRegistry, snapshot: Callable[[], Snapshot], use
         document = stuck_document(snapshot(), user_label)
         return Response(200, json.dumps(document, indent=2).encode(), JSON)
 
+    def trace(request: Request) -> Response:
+        user = (request.query.get("user") or [""])[0].strip()
+        estate = (request.query.get("estate") or [""])[0].strip() or None
+        if not user:
+            return Response(400, b"Bad Request: ?user=UPN, sAMAccountName, DOMAIN\\sam or GUID\n", TEXT)
+        current = snapshot()
+        if (request.query.get("format") or [""])[0] == "json":
+            try:
+                documents = trace_documents(current, user, estate)
+            except TraceNotFound:
+                return Response(404, json.dumps({"error": "no in-scope user matches", "user": user}).encode(), JSON)
+            body = documents[0] if len(documents) == 1 else documents
+            return Response(200, json.dumps(body, indent=2, ensure_ascii=False).encode(), JSON)
+        status, page = trace_page(current, user, estate)
+        return Response(status, page.encode(), HTML)
+
     routes: dict[str, Route] = {
         "/metrics": metrics,
         "/": landing,
         "/-/healthy": healthy,
         "/-/ready": ready,
         "/stuck": stuck,
+        "/trace": trace,
     }
 
     def app(request: Request) -> Response:
@@ -86,31 +106,50 @@ def _exposition(
 
 
 class SharedRendering:
-    """Requests that arrive while a rendering is under way wait for it and share its result.
+    """One rendering of the exposition serves every request that arrives while it is under way, and
+    is reused for up to ``max_age`` seconds while the engine's snapshot is the same object.
 
-    Rendering the exposition costs a few milliseconds of CPU under the GIL; twenty scrapers arriving
-    together would otherwise queue for twenty renderings. Each response still reflects the registry
-    as of a moment no earlier than one rendering before its request, and nothing is kept once the
-    rendering is delivered (no stale cache).
+    Rendering costs a few milliseconds of pure-Python CPU under the GIL; twenty scrapers arriving
+    together would otherwise queue behind twenty renderings. The exporter's own metrics are a
+    function of the snapshot, so a new snapshot is rendered at once; only the process and runtime
+    metrics (CPU seconds, memory, GC counts) can be up to ``max_age`` old.
     """
 
-    def __init__(self, render: Callable[[], bytes]) -> None:
+    def __init__(
+        self, render: Callable[[], bytes], version: Callable[[], object] = object, max_age: float = 0.0
+    ) -> None:
         self._render = render
+        self._version = version
+        self._max_age = max_age
         self._lock = threading.Lock()
         self._current: Future[bytes] | None = None
+        self._last: tuple[object, float, bytes] | None = None  # (snapshot, started at, body)
 
     def get(self) -> bytes:
+        version = self._version()
         with self._lock:
+            if self._last is not None:
+                last_version, started, body = self._last
+                if last_version is version and time.monotonic() - started < self._max_age:
+                    return body
             current = self._current
             leader = current is None
             if current is None:
                 current = self._current = Future()
         if leader:
-            try:
-                current.set_result(self._render())
-            except BaseException as exc:
-                current.set_exception(exc)
-            finally:
-                with self._lock:
-                    self._current = None
+            self._lead(current, version)
         return current.result()
+
+    def _lead(self, current: Future[bytes], version: object) -> None:
+        started = time.monotonic()
+        try:
+            body = self._render()
+        except BaseException as exc:
+            current.set_exception(exc)
+            with self._lock:
+                self._current = None
+            return
+        with self._lock:
+            self._last = (version, started, body)
+            self._current = None
+        current.set_result(body)
