@@ -6,6 +6,9 @@
 The dashboards target Grafana 10/11 (schemaVersion 39) and a Prometheus data source chosen through the
 ``datasource`` variable. Every query is scoped by the ``job``, ``instance`` and (where the metric has the
 label) ``estate`` variables, so the three dashboards can share one variable selection through their links.
+
+Stage and reason names, the order of each pipeline's chain and the admin's next step for each reason come
+from ``exporter.pipelines.definitions``; only the stages' display titles live here.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from exporter.pipelines.definitions import PIPELINE_NAMES, PIPELINES, all_stages
 
 Json = dict[str, Any]
 
@@ -35,16 +40,39 @@ PROVISIONING_UID = "intune-provisioning-overview"
 LICENSES_UID = "intune-licenses"
 HEALTH_UID = "intune-exporter-health"
 
-# Pipeline order; the number in front of each name keeps legends readable and sortable.
-STAGES: tuple[tuple[str, str], ...] = (
-    ("ad_created", "1 AD account created"),
-    ("entra_synced", "2 Synced to Entra ID"),
-    ("cm_discovered", "3 Discovered by ConfigMgr"),
-    ("in_intune_collection", "4 In an Intune collection"),
-    ("connector_synced", "5 CloudUserID set"),
-    ("intune_enabled", "6 Intune enabled"),
-)
-WAITING_STAGES = STAGES[:-1]  # the last stage is the goal: nobody waits there
+# How each stage reads in legends. The stages themselves (names, order, pipelines) come from the
+# pipeline definitions; a stage added there without a title here stops the generator.
+STAGE_TITLES = {
+    "ad_created": "AD account created",
+    "entra_synced": "Synced to Entra ID",
+    "cm_discovered": "Discovered by ConfigMgr",
+    "in_intune_collection": "In an Intune collection",
+    "connector_synced": "CloudUserID set",
+    "intune_enabled": "Intune enabled",
+    "intune_licensed": "Intune licence assigned",
+    "device_enrolled": "Device enrolled",
+    "device_compliant": "Compliant device",
+}
+
+
+def pipelines_with(stage: str) -> tuple[str, ...]:
+    return tuple(name for name, definition in PIPELINES.items() if stage in definition.stages)
+
+
+def stage_label(stage: str) -> str:
+    """'3 Discovered by ConfigMgr': the stage's step number in its chain keeps legends in chain order.
+    Stages shared by both chains sit at the same step in each."""
+    if stage not in STAGE_TITLES:
+        raise ValueError(f"stage {stage} of exporter/pipelines/definitions.py has no title in STAGE_TITLES")
+    steps = {PIPELINES[name].stages.index(stage) + 1 for name in pipelines_with(stage)}
+    return f"{steps.pop()} {STAGE_TITLES[stage]}" if len(steps) == 1 else STAGE_TITLES[stage]
+
+
+# Every stage of both chains, in chain order (hybrid_mdm's, then the stages only cloud has). A query
+# per stage returns nothing for an estate on the other chain, so each estate shows its own chain.
+STAGES: tuple[tuple[str, str], ...] = tuple((stage, stage_label(stage)) for stage in all_stages())
+FINAL_STAGES = tuple(definition.final_stage for definition in PIPELINES.values())
+WAITING_STAGES = tuple((stage, label) for stage, label in STAGES if stage not in FINAL_STAGES)
 
 # Threshold steps: (colour, lower bound); the first step has no bound.
 Steps = Sequence[tuple[str, float | None]]
@@ -87,6 +115,11 @@ class Query:
     legend: str = ""
     instant: bool = False  # tables: one value per series at the end of the time range
     table: bool = False
+    # Not part of the JSON; what the tests expect of the query against the demo exporter. pipelines:
+    # the estates whose pipeline is listed have data for it. sparse: the query keeps only some
+    # rows (a `> 0` filter, errors that only some estates have), so not every such estate shows.
+    pipelines: tuple[str, ...] = PIPELINE_NAMES
+    sparse: bool = False
 
     def to_json(self, ref_id: str) -> Json:
         target: Json = {
@@ -372,6 +405,8 @@ class Grid:
 
     def __init__(self) -> None:
         self.panels: list[Json] = []
+        # (panel title, refId) -> the query it was built from, with what the tests expect of it.
+        self.queries: dict[tuple[str, str], Query] = {}
         self._y = 0
         self._x = 0
         self._line_height = 0
@@ -404,6 +439,8 @@ class Grid:
         }
         container = self._collapsed_row["panels"] if self._collapsed_row is not None else self.panels
         container.append(placed)
+        for index, query in enumerate(panel.queries):
+            self.queries[(panel.title, ref_id(index))] = query
         self._x += width
         self._line_height = max(self._line_height, height)
 
@@ -529,7 +566,12 @@ def requires(panels: Sequence[Json]) -> list[Json]:
     return needed
 
 
+# uid -> the queries of its panels, filled as the dashboards are built (see queries_by_target).
+_BUILT_QUERIES: dict[str, dict[tuple[str, str], Query]] = {}
+
+
 def dashboard(uid: str, title: str, description: str, grid: Grid) -> Json:
+    _BUILT_QUERIES[uid] = dict(grid.queries)
     return {
         "__requires": requires(grid.panels),
         "annotations": {
@@ -571,19 +613,62 @@ def dashboard(uid: str, title: str, description: str, grid: Grid) -> Json:
 
 USERS = "intune_provisioning_users"
 STUCK = "intune_provisioning_stuck_users"
+STUCK_REASON = "intune_provisioning_stuck_reason_users"
 OLDEST = "intune_provisioning_stage_oldest_entry_timestamp_seconds"
 STUCK_INFO = "intune_provisioning_stuck_user_info"
+PIPELINE_INFO = "intune_provisioning_pipeline_info"
 MISSING_CLOUD_ID = "intune_provisioning_users_missing_cloud_user_id"
 MISMATCH = "intune_provisioning_cloud_user_id_mismatch_users"
 ORPHANS = "intune_provisioning_orphan_users"
 UNLICENSED = "intune_provisioning_enabled_users_without_intune_license"
 LAST_SYNC = "intune_entra_connect_last_sync_timestamp_seconds"
+DEVICES = "intune_devices"
+
+HYBRID_ONLY = ("hybrid_mdm",)
+COMPLIANCE_COLOURS = (("compliant", "green"), ("noncompliant", "red"), ("inGracePeriod", "orange"))
+CLOUD_ONLY = ("cloud",)
+
+
+def chain_help(name: str) -> str:
+    definition = PIPELINES[name]
+    steps = ", ".join(stage_label(stage) for stage in definition.stages)
+    return f"{name}: {steps}."
+
 
 STAGE_HELP = (
-    "A user counts at the last stage it has reached: 1 account in AD, 2 synced to Entra ID by Entra "
-    "Connect, 3 discovered by ConfigMgr, 4 member of an Intune collection, 5 CloudUserID set by the "
-    "Intune connector, 6 CloudUserID equals the Entra object id (enabled for Intune)."
+    "A user counts at the last stage of its estate's chain that it has reached without gaps. "
+    + " ".join(chain_help(name) for name in PIPELINES)
 )
+
+# A (stage, reason) pair as one label value, which the value mappings below turn into the action.
+ACTION_LABEL = "action"
+
+
+def with_action(expr: str) -> str:
+    """The series with an extra label `action` = "<stage>:<reason>"; the table shows it as the admin's
+    next step through value mappings (PromQL cannot carry the text itself)."""
+    return f'label_join({expr}, "{ACTION_LABEL}", ":", "provisioning_stage", "reason")'
+
+
+def action_mappings() -> list[Json]:
+    """ "stage:reason" -> the action of exporter/pipelines/definitions.py, for every pair of both chains."""
+    options: Json = {}
+    for definition in PIPELINES.values():
+        for reason in definition.reasons:
+            options.setdefault(
+                f"{reason.stage}:{reason.name}", {"index": len(options), "text": reason.action}
+            )
+    return [{"options": options, "type": "value"}]
+
+
+def action_column(name: str) -> Json:
+    return override(
+        "byName", name, {"mappings": action_mappings(), "custom.width": 620, "custom.inspect": True}
+    )
+
+
+def final_stage_matcher(op: str) -> str:
+    return matcher("provisioning_stage", "|".join(FINAL_STAGES), op)
 
 
 def provisioning_summary(grid: Grid) -> None:
@@ -591,14 +676,10 @@ def provisioning_summary(grid: Grid) -> None:
     grid.add(
         stat(
             "Users still in the pipeline",
-            "AD users in scope that have not reached stage 6 (Intune enabled), summed over the selected "
-            "estates. Includes users still within their normal waiting time.",
-            [
-                Query(
-                    f"sum({sel(USERS, matcher('provisioning_stage', 'intune_enabled', '!='))})",
-                    "in the pipeline",
-                )
-            ],
+            "AD users in scope that have not reached the last stage of their chain (Intune enabled, or a "
+            "compliant device in a cloud estate), summed over the selected estates. Includes users still "
+            "within their normal waiting time.",
+            [Query(f"sum({sel(USERS, final_stage_matcher('!~'))})", "in the pipeline")],
             "short",
             fixed_color="blue",
             graph=True,
@@ -610,7 +691,7 @@ def provisioning_summary(grid: Grid) -> None:
         stat(
             "Stuck users",
             "Users who have been at their current stage for longer than the estate's stuck_after for "
-            "that stage. Each one needs a look: see 'Currently stuck users'.",
+            "that stage. Each one needs a look: see 'Why users are stuck' and 'Currently stuck users'.",
             [Query(f"sum({sel(STUCK)})", "stuck")],
             "short",
             steps=RED_FROM_ONE,
@@ -621,9 +702,11 @@ def provisioning_summary(grid: Grid) -> None:
     )
     grid.add(
         stat(
-            "Intune-enabled users",
-            "Users at stage 6: their ConfigMgr CloudUserID equals their Entra object id.",
-            [Query(f"sum({sel(USERS, stage_matcher('intune_enabled'))})", "enabled")],
+            "Users at the end of the chain",
+            "Users at the last stage of their estate's chain: intune_enabled (hybrid_mdm: the ConfigMgr "
+            "CloudUserID equals the Entra object id) or device_compliant (cloud: a compliant device that "
+            "checks in).",
+            [Query(f"sum({sel(USERS, final_stage_matcher('=~'))})", "done")],
             "short",
             fixed_color="green",
             graph=True,
@@ -635,8 +718,15 @@ def provisioning_summary(grid: Grid) -> None:
         stat(
             "Missing CloudUserID (in collection)",
             "ConfigMgr user records that are members of an Intune collection but have no CloudUserID: "
-            "the Intune connector has not synced them yet. Should fall back to 0 within a sync cycle.",
-            [Query(f"sum({sel(MISSING_CLOUD_ID, matcher('in_intune_collection', 'true'))})", "missing")],
+            "the Intune connector has not synced them yet. Should fall back to 0 within a sync cycle "
+            "(hybrid_mdm estates).",
+            [
+                Query(
+                    f"sum({sel(MISSING_CLOUD_ID, matcher('in_intune_collection', 'true'))})",
+                    "missing",
+                    pipelines=HYBRID_ONLY,
+                )
+            ],
             "short",
             steps=ORANGE_FROM_ONE,
             graph=True,
@@ -648,8 +738,9 @@ def provisioning_summary(grid: Grid) -> None:
         stat(
             "CloudUserID mismatches",
             "Users whose ConfigMgr CloudUserID is set but is not their Entra object id (for example a "
-            "user deleted and recreated in Entra ID). They cannot reach stage 6 until ConfigMgr re-syncs.",
-            [Query(f"sum({sel(MISMATCH)})", "mismatched")],
+            "user deleted and recreated in Entra ID). They cannot reach stage 6 until ConfigMgr re-syncs "
+            "(hybrid_mdm estates).",
+            [Query(f"sum({sel(MISMATCH)})", "mismatched", pipelines=HYBRID_ONLY)],
             "short",
             steps=RED_FROM_ONE,
             graph=True,
@@ -662,7 +753,7 @@ def provisioning_summary(grid: Grid) -> None:
             "Orphan records",
             "Synced Entra users and ConfigMgr user records that match no AD user in scope (deleted, "
             "disabled or moved out of the search bases).",
-            [Query(f"sum({sel(ORPHANS)})", "orphans")],
+            [Query(f"sum({sel(ORPHANS)})", "orphans", pipelines=HYBRID_ONLY)],
             "short",
             steps=ORANGE_FROM_ONE,
             graph=True,
@@ -672,18 +763,38 @@ def provisioning_summary(grid: Grid) -> None:
     )
 
 
+def stage_query(expr: str, stage: str, legend: str) -> Query:
+    return Query(expr, legend, pipelines=pipelines_with(stage))
+
+
 def provisioning_pipeline(grid: Grid) -> None:
     grid.row("Provisioning pipeline")
-    last_ref = ref_id(len(STAGES) - 1)
+    grid.add(
+        stat(
+            "Pipeline per estate",
+            "The chain each selected estate runs (its `pipeline` in the exporter config): hybrid_mdm "
+            "(ConfigMgr and its Intune connector) or cloud (Intune licence, enrolled and compliant device). "
+            "The panels below show each estate its own chain's stages.",
+            [Query(f"max by (estate, pipeline) ({sel(PIPELINE_INFO)})", "{{estate}}: {{pipeline}}")],
+            "none",
+            fixed_color="blue",
+            text_mode="name",
+        ),
+        24,
+        3,
+    )
+    final_refs = [ref_id(index) for index, (stage, _) in enumerate(STAGES) if stage in FINAL_STAGES]
     grid.add(
         bargauge(
             "Provisioning funnel: $estate",
-            "Users per provisioning stage in pipeline order; one panel per selected estate. " + STAGE_HELP,
-            [Query(f"sum({sel(USERS, stage_matcher(stage))})", name) for stage, name in STAGES],
+            "Users per provisioning stage in chain order; one panel per selected estate, showing the "
+            "stages of that estate's pipeline (the last one in green). " + STAGE_HELP,
+            [stage_query(f"sum({sel(USERS, stage_matcher(stage))})", stage, name) for stage, name in STAGES],
             "short",
             fixed_color="blue",
             overrides=[
-                override("byFrameRefID", last_ref, {"color": {"fixedColor": "green", "mode": "fixed"}})
+                override("byFrameRefID", ref, {"color": {"fixedColor": "green", "mode": "fixed"}})
+                for ref in final_refs
             ],
             extra={"maxPerRow": 4, "repeat": "estate", "repeatDirection": "h"},
         ),
@@ -694,12 +805,12 @@ def provisioning_pipeline(grid: Grid) -> None:
         timeseries(
             "Stuck users per stage",
             "Users over their stage's stuck_after, per estate and stage, over time. Where to look when a "
-            "line keeps growing: stage 1 Entra Connect; 2 ConfigMgr AD user discovery; 3 the membership "
-            "rules of the Intune collection (the step most often forgotten); 4 the Intune connector "
-            "(SMS_CLOUD_USERSYNC, cloudusersync.log; often a UPN that differs between AD and Entra ID); "
-            "5 a CloudUserID that does not match the Entra user.",
+            "line keeps growing: 'Why users are stuck' below names the reasons and what to do; the "
+            "runbooks (docs/runbooks.md) walk through each stage of both chains.",
             [
-                Query(f"sum by (estate) ({sel(STUCK, stage_matcher(stage))})", f"{{{{estate}}}} · {name}")
+                stage_query(
+                    f"sum by (estate) ({sel(STUCK, stage_matcher(stage))})", stage, f"{{{{estate}}}} · {name}"
+                )
                 for stage, name in WAITING_STAGES
             ],
             "short",
@@ -715,8 +826,9 @@ def provisioning_pipeline(grid: Grid) -> None:
             "and is left out. Compare with stuck_after in the exporter config; orange after 1 hour, red "
             "after 4 hours.",
             [
-                Query(
+                stage_query(
                     f"time() - min by (estate) ({sel(OLDEST, stage_matcher(stage))} > 0)",
+                    stage,
                     f"{{{{estate}}}} · {name}",
                 )
                 for stage, name in WAITING_STAGES
@@ -727,15 +839,59 @@ def provisioning_pipeline(grid: Grid) -> None:
         12,
         9,
     )
+
+
+def provisioning_reasons(grid: Grid) -> None:
+    grid.row("Why users are stuck")
+    reasons = f"sum by (estate, provisioning_stage, reason) ({sel(STUCK_REASON)}) > 0"
+    grid.add(
+        timeseries(
+            "Stuck users by reason",
+            "Stuck users per estate, stage and reason over time (reasons with nobody stuck are left out). "
+            "Each stuck user has exactly one reason: the first row of its stage in the reason table "
+            "(docs/runbooks.md) that holds, so per stage the reasons add up to 'Stuck users per stage'.",
+            [Query(reasons, "{{estate}} · {{provisioning_stage}} · {{reason}}")],
+            "short",
+            stacked=True,
+        ),
+        24,
+        9,
+    )
+    grid.add(
+        table(
+            "Why users are stuck now",
+            "Stuck users per estate, stage and reason right now, the most frequent first, with what the "
+            "admin does about each reason.",
+            [Query(with_action(f"({reasons})"), instant=True, table=True)],
+            "short",
+            transformations=[
+                organize(
+                    exclude=["Time"],
+                    rename={
+                        "estate": "Estate",
+                        "provisioning_stage": "Stage",
+                        "reason": "Reason",
+                        "Value": "Stuck users",
+                        ACTION_LABEL: "What to do",
+                    },
+                )
+            ],
+            sort_by="Stuck users",
+            descending=True,
+            overrides=[action_column("What to do")],
+        ),
+        24,
+        9,
+    )
     grid.add(
         table(
             "Currently stuck users",
-            "One row per stuck user as listed by the exporter: the longest-waiting first, at most "
-            "stuck_users_listed of them; empty when user_label is none. The exporter's /stuck endpoint "
-            "returns the same list as JSON.",
+            "One row per stuck user as listed by the exporter, with its reason and what to do: the "
+            "longest-waiting first, at most stuck_users_listed of them; empty when user_label is none. The "
+            "exporter's /stuck endpoint returns the same list as JSON with the evidence, /trace one user.",
             [
                 Query(
-                    f"max by (estate, provisioning_stage, user) ({sel(STUCK_INFO)})",
+                    with_action(f"max by (estate, provisioning_stage, reason, user) ({sel(STUCK_INFO)})"),
                     instant=True,
                     table=True,
                 )
@@ -744,10 +900,17 @@ def provisioning_pipeline(grid: Grid) -> None:
             transformations=[
                 organize(
                     exclude=["Time", "Value"],
-                    rename={"estate": "Estate", "provisioning_stage": "Stage", "user": "User"},
+                    rename={
+                        "estate": "Estate",
+                        "provisioning_stage": "Stage",
+                        "user": "User",
+                        "reason": "Reason",
+                        ACTION_LABEL: "What to do",
+                    },
                 )
             ],
             sort_by="Stage",
+            overrides=[action_column("What to do")],
         ),
         24,
         10,
@@ -755,7 +918,7 @@ def provisioning_pipeline(grid: Grid) -> None:
 
 
 def provisioning_identifiers(grid: Grid) -> None:
-    grid.row("CloudUserID, orphans and licensing")
+    grid.row("CloudUserID and orphans (hybrid_mdm)")
     grid.add(
         timeseries(
             "Users without CloudUserID",
@@ -767,10 +930,12 @@ def provisioning_identifiers(grid: Grid) -> None:
                 Query(
                     f"sum by (estate) ({sel(MISSING_CLOUD_ID, matcher('in_intune_collection', 'true'))})",
                     "{{estate}} · in an Intune collection",
+                    pipelines=HYBRID_ONLY,
                 ),
                 Query(
                     f"sum by (estate) ({sel(MISSING_CLOUD_ID, matcher('in_intune_collection', 'false'))})",
                     "{{estate}} · not in an Intune collection",
+                    pipelines=HYBRID_ONLY,
                 ),
             ],
             "short",
@@ -783,7 +948,7 @@ def provisioning_identifiers(grid: Grid) -> None:
             "CloudUserID mismatches per estate",
             "Users whose CloudUserID is set but differs from the object id of their Entra user. Usual "
             "cause: the Entra user was deleted and recreated, and ConfigMgr still holds the old id.",
-            [Query(f"sum by (estate) ({sel(MISMATCH)})", "{{estate}}")],
+            [Query(f"sum by (estate) ({sel(MISMATCH)})", "{{estate}}", pipelines=HYBRID_ONLY)],
             "short",
         ),
         8,
@@ -794,26 +959,16 @@ def provisioning_identifiers(grid: Grid) -> None:
             "Orphan records per source",
             "Records that match no AD user in scope: synced Entra users (source entra) and ConfigMgr user "
             "records (source configmgr). Usually leftovers of deleted or moved accounts.",
-            [Query(f"sum by (estate, source) ({sel(ORPHANS)})", "{{estate}} · {{source}}")],
-            "short",
-        ),
-        8,
-        8,
-    )
-    grid.add(
-        timeseries(
-            "Entra Connect provisioning errors",
-            "Synced Entra users with onPremisesProvisioningErrors, by category (for example PropertyConflict "
-            "for a duplicate UPN or proxy address). Fix the conflicting attribute in AD.",
             [
                 Query(
-                    f"sum by (estate, category) ({sel('intune_entra_provisioning_error_users')})",
-                    "{{estate}} · {{category}}",
+                    f"sum by (estate, source) ({sel(ORPHANS)})",
+                    "{{estate}} · {{source}}",
+                    pipelines=HYBRID_ONLY,
                 )
             ],
             "short",
         ),
-        12,
+        8,
         8,
     )
     grid.add(
@@ -822,13 +977,76 @@ def provisioning_identifiers(grid: Grid) -> None:
             "Users at stage 6 whose assigned licenses carry no enabled Intune (INTUNE_A) service plan. "
             "Informational: in hybrid MDM with ConfigMgr the connector enables users without a license "
             "flag in Entra ID, so a non-zero value is expected and not an error.",
-            [Query(f"sum by (estate) ({sel(UNLICENSED)})", "{{estate}}")],
+            [Query(f"sum by (estate) ({sel(UNLICENSED)})", "{{estate}}", pipelines=HYBRID_ONLY)],
             "short",
             fixed_color="blue",
             graph=True,
         ),
-        12,
+        24,
+        6,
+    )
+
+
+def provisioning_devices(grid: Grid) -> None:
+    grid.row("Managed devices (cloud)")
+    grid.add(
+        bargauge(
+            "Managed devices by compliance state",
+            "Intune managed devices per estate and compliance state (the intune_devices source of cloud "
+            "estates). Users whose devices are all noncompliant, in their grace period, of unknown "
+            "compliance or stale wait at device_enrolled.",
+            [
+                Query(
+                    f"sum by (estate, compliance_state) ({sel(DEVICES)})",
+                    "{{estate}} · {{compliance_state}}",
+                    pipelines=CLOUD_ONLY,
+                )
+            ],
+            "short",
+            fixed_color="blue",
+            overrides=[
+                override("byRegexp", f".* · {state}", {"color": {"fixedColor": color, "mode": "fixed"}})
+                for state, color in COMPLIANCE_COLOURS
+            ],
+        ),
         8,
+        9,
+    )
+    grid.add(
+        timeseries(
+            "Managed devices by operating system",
+            "Intune managed devices per estate and operating system over time.",
+            [
+                Query(
+                    f"sum by (estate, operating_system) ({sel(DEVICES)})",
+                    "{{estate}} · {{operating_system}}",
+                    pipelines=CLOUD_ONLY,
+                )
+            ],
+            "short",
+            stacked=True,
+        ),
+        8,
+        9,
+    )
+    grid.add(
+        bargauge(
+            "Managed devices by management agent",
+            "Intune managed devices per estate and management agent: mdm for devices Intune alone "
+            "manages, configurationManagerClientMdm (or ...MdmEas) for devices co-managed with ConfigMgr, "
+            "whose compliance may still be ConfigMgr's (compliance state configManager).",
+            [
+                Query(
+                    f"sum by (estate, management_agent) ({sel(DEVICES)})",
+                    "{{estate}} · {{management_agent}}",
+                    pipelines=CLOUD_ONLY,
+                )
+            ],
+            "short",
+            fixed_color="purple",
+        ),
+        8,
+        9,
     )
 
 
@@ -865,6 +1083,24 @@ def provisioning_sync(grid: Grid) -> None:
         5,
     )
     grid.add(
+        timeseries(
+            "Entra Connect provisioning errors",
+            "Synced Entra users with onPremisesProvisioningErrors, by category (for example PropertyConflict "
+            "for a duplicate UPN or proxy address). Fix the conflicting attribute in AD.",
+            [
+                Query(
+                    f"sum by (estate, category) ({sel('intune_entra_provisioning_error_users')})",
+                    "{{estate}} · {{category}}",
+                    pipelines=HYBRID_ONLY,
+                    sparse=True,
+                )
+            ],
+            "short",
+        ),
+        24,
+        8,
+    )
+    grid.add(
         state_timeline(
             "ConfigMgr component status",
             "Status of the ConfigMgr site components that move users along the pipeline (user discovery, "
@@ -874,6 +1110,7 @@ def provisioning_sync(grid: Grid) -> None:
                 Query(
                     f"max by (estate, site_code, component) ({sel('intune_configmgr_component_status')})",
                     "{{estate}} {{site_code}} · {{component}}",
+                    pipelines=HYBRID_ONLY,
                 )
             ],
             ((0, "OK", "green"), (1, "Warning", "orange"), (2, "Critical", "red")),
@@ -887,13 +1124,16 @@ def provisioning_overview() -> Json:
     grid = Grid()
     provisioning_summary(grid)
     provisioning_pipeline(grid)
+    provisioning_reasons(grid)
+    provisioning_devices(grid)
     provisioning_identifiers(grid)
     provisioning_sync(grid)
     return dashboard(
         PROVISIONING_UID,
         "Intune provisioning overview",
-        "Hybrid user provisioning AD -> Entra ID -> ConfigMgr -> Intune: where users are, who is stuck "
-        "and why.",
+        "User provisioning AD -> Entra ID -> Intune for both chains (hybrid_mdm: ConfigMgr and its Intune "
+        "connector; cloud: licence, enrolled and compliant device): where users are, who is stuck, why, "
+        "and what to do.",
         grid,
     )
 
@@ -1116,15 +1356,80 @@ def licenses_subscriptions(grid: Grid) -> None:
     )
 
 
+ASSIGNMENT_ERRORS = "intune_license_assignment_error_users"
+
+
+def licenses_assignment_errors(grid: Grid) -> None:
+    grid.row("Assignment errors")
+    grid.add(
+        timeseries(
+            "Users with licence assignment errors",
+            "Entra users whose licence state for a SKU carries an error (CountViolation: no units left; "
+            "ProhibitedInUsageLocationViolation: no or wrong usage location; MutuallyExclusiveViolation, "
+            "DependencyViolation: conflicting or missing licences), per estate, SKU and error over time. "
+            "Without the licence those users get none of its services; in a cloud estate they wait at "
+            "entra_synced.",
+            [
+                Query(
+                    f"sum by (estate, sku, error) ({sel(ASSIGNMENT_ERRORS)})",
+                    "{{estate}} · {{sku}} · {{error}}",
+                    pipelines=("cloud",),
+                    sparse=True,
+                )
+            ],
+            "short",
+            stacked=True,
+        ),
+        12,
+        9,
+    )
+    grid.add(
+        table(
+            "Licence assignment errors by group",
+            "Users with a licence assignment error right now, per estate, SKU, error and where the "
+            "assignment comes from (a licensing group, or direct): fix the cause, then reprocess that group "
+            "or user in the Entra admin center.",
+            [
+                Query(
+                    f"sum by (estate, sku, error, assigned_by) ({sel(ASSIGNMENT_ERRORS)}) > 0",
+                    instant=True,
+                    table=True,
+                    pipelines=("cloud",),
+                    sparse=True,
+                )
+            ],
+            "short",
+            transformations=[
+                organize(
+                    exclude=["Time"],
+                    rename={
+                        "estate": "Estate",
+                        "sku": "SKU",
+                        "error": "Error",
+                        "assigned_by": "Assigned by",
+                        "Value": "Users",
+                    },
+                )
+            ],
+            sort_by="Users",
+            descending=True,
+        ),
+        12,
+        9,
+    )
+
+
 def licenses() -> Json:
     grid = Grid()
     licenses_overview(grid)
     licenses_per_sku(grid)
+    licenses_assignment_errors(grid)
     licenses_subscriptions(grid)
     return dashboard(
         LICENSES_UID,
         "Intune licenses",
-        "Microsoft 365 licenses per SKU: purchased vs consumed units, utilisation and subscription expiry.",
+        "Microsoft 365 licenses per SKU: purchased vs consumed units, utilisation, users whose assignment "
+        "failed, and subscription expiry.",
         grid,
     )
 
@@ -1137,7 +1442,10 @@ RETRY_WAIT = "intune_exporter_graph_retry_wait_seconds_total"
 TOKEN_REQUESTS = "intune_exporter_graph_token_requests_total"
 COLLECTOR_SUCCESS = "intune_exporter_collector_success"
 COLLECTOR_DURATION = "intune_exporter_collector_duration_seconds"
-SOURCE_HELP = "Sources: ad, entra (users), entra_organization (organization and licenses), configmgr."
+SOURCE_HELP = (
+    "Sources: ad, entra (users), entra_organization (organization and licenses), configmgr (hybrid_mdm "
+    "estates), intune_devices (managed devices, cloud estates)."
+)
 
 
 def health_overview(grid: Grid) -> None:
@@ -1449,6 +1757,16 @@ def build_dashboards() -> dict[str, Json]:
         f"{PROVISIONING_UID}.json": provisioning_overview(),
         f"{LICENSES_UID}.json": licenses(),
         f"{HEALTH_UID}.json": exporter_health(),
+    }
+
+
+def queries_by_target() -> dict[tuple[str, str, str], Query]:
+    """(dashboard uid, panel title, refId) -> the Query behind that target of the generated JSON."""
+    build_dashboards()
+    return {
+        (uid, title, ref): query
+        for uid, queries in _BUILT_QUERIES.items()
+        for (title, ref), query in queries.items()
     }
 
 

@@ -22,6 +22,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dashboards import generate
+from exporter.pipelines.definitions import DEFAULT_PIPELINE
 from tests.conftest import require_executable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -92,6 +93,20 @@ class DemoExporter:
             for sample in family.samples:
                 labels.setdefault(sample.name, set()).update(sample.labels)
         return labels
+
+    def estate_pipelines(self) -> dict[str, str]:
+        """Estate -> its pipeline, for every estate the demo exports. An estate without
+        intune_provisioning_pipeline_info counts as the default pipeline (the queries that need the
+        metric then fail on their own)."""
+        estates: dict[str, str] = {}
+        pipelines: dict[str, str] = {}
+        for family in text_string_to_metric_families(self.metrics_text):
+            for sample in family.samples:
+                if sample.name == "intune_exporter_source_up":
+                    estates[sample.labels["estate"]] = DEFAULT_PIPELINE
+                elif sample.name == "intune_provisioning_pipeline_info":
+                    pipelines[sample.labels["estate"]] = sample.labels["pipeline"]
+        return {**estates, **pipelines}
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from dashboards import generate
+from exporter.pipelines.definitions import PIPELINES, all_stages
 from tests.dashboards.grafana import (
     all_panels,
     overlaps,
@@ -214,3 +215,49 @@ def test_panel_list_in_the_docs_names_every_panel(dashboards: dict[str, Board]) 
         assert board["uid"] in docs
         for panel in all_panels(board):
             assert f"{panel['title']}" in docs, panel["title"]
+
+
+def test_every_stage_of_both_chains_has_a_title_numbered_by_its_step() -> None:
+    assert set(generate.STAGE_TITLES) == set(all_stages())
+    for definition in PIPELINES.values():
+        for step, stage in enumerate(definition.stages, start=1):
+            assert generate.stage_label(stage) == f"{step} {generate.STAGE_TITLES[stage]}", stage
+
+
+def test_funnel_shows_the_last_stage_of_each_chain_in_green(dashboards: dict[str, Board]) -> None:
+    funnel = next(
+        panel
+        for panel in visual_panels(dashboards["intune-provisioning-overview"])
+        if panel["title"] == "Provisioning funnel: $estate"
+    )
+    green = {
+        override["matcher"]["options"]
+        for override in funnel["fieldConfig"]["overrides"]
+        if override["matcher"]["id"] == "byFrameRefID"
+    }
+    final_stages = {definition.final_stage for definition in PIPELINES.values()}
+    finals = {
+        target["refId"]
+        for target in funnel["targets"]
+        if any(f'"{s}"' in target["expr"] for s in final_stages)
+    }
+    assert green == finals and len(finals) == len(PIPELINES)
+
+
+def test_action_columns_map_every_reason_of_both_chains_to_its_action(dashboards: dict[str, Board]) -> None:
+    expected = {
+        f"{reason.stage}:{reason.name}": reason.action
+        for definition in PIPELINES.values()
+        for reason in definition.reasons
+    }
+    columns = 0
+    for panel in visual_panels(dashboards["intune-provisioning-overview"]):
+        for override in panel["fieldConfig"]["overrides"]:
+            for prop in override["properties"]:
+                if prop["id"] != "mappings":
+                    continue
+                columns += 1
+                (mapping,) = prop["value"]
+                assert {key: option["text"] for key, option in mapping["options"].items()} == expected
+                assert "label_join(" in panel["targets"][0]["expr"], panel["title"]
+    assert columns == 2, "the reason table and the stuck-user table each have an action column"
