@@ -1,0 +1,48 @@
+"""Sources whose backend is a simulated estate: they go through the same engine path as real ones."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from exporter.demo.common import SimulatedEstate
+from exporter.model import HttpStats, SourceData, SourceKind
+
+# Which read method of an estate answers for each kind of source.
+READERS: dict[SourceKind, str] = {
+    "ad": "read_ad",
+    "entra": "read_entra",
+    "entra_organization": "read_organization",
+    "configmgr": "read_configmgr",
+    "intune_devices": "read_devices",
+}
+GRAPH_KINDS: frozenset[SourceKind] = frozenset({"entra", "entra_organization", "intune_devices"})
+
+
+class DemoSource:
+    """A Source reading one simulated estate; every read shows the estate at the clock's time."""
+
+    def __init__(self, estate: SimulatedEstate, kind: SourceKind) -> None:
+        self.estate = estate
+        self.kind: SourceKind = kind
+        self._read: Callable[[], SourceData] = getattr(estate, READERS[kind])
+
+    def describe(self) -> str:
+        return f"demo {self.kind} of {self.estate.domain}"
+
+    def refresh(self, previous: SourceData | None, deadline: float | None = None) -> SourceData:
+        return self._read()  # always a full read: the simulation has nothing to be incremental about
+
+    def close(self) -> None:
+        return None
+
+
+class DemoGraphSource(DemoSource):
+    """The demo's Graph sources also report request statistics, like the real client."""
+
+    def http_stats(self) -> HttpStats:
+        with self.estate.graph_lock:
+            return self.estate.graph.copy()
+
+
+def demo_source(estate: SimulatedEstate, kind: SourceKind) -> DemoSource:
+    return DemoGraphSource(estate, kind) if kind in GRAPH_KINDS else DemoSource(estate, kind)
