@@ -1122,3 +1122,14 @@ def test_empty_estate_has_every_stage_and_reason_at_zero():
     assert summary.stuck == dict.fromkeys(STAGES, 0)
     assert summary.stuck_reasons == dict.fromkeys(HYBRID_MDM.stage_reason_pairs(), 0)
     assert summary.oldest_entry == dict.fromkeys(STAGES)
+
+
+def test_large_estate_joins_every_user():
+    """20k users per system, matched by keys in sorted indexes (a nested-loop join would take minutes)."""
+    users = [ad_user(f"bulk{i}", rid=100_000 + i) for i in range(20_000)]
+    synced = [entra_for(u) for u in users]
+    records = [cm_for(u, in_collection=True, cloud_user_id=e.id) for u, e in zip(users, synced, strict=True)]
+    evaluation = hybrid(users, synced, records)
+    assert evaluation.summary(NOW).users["intune_enabled"] == 20_000
+    assert len(evaluation.first_seen) == 20_000
+    assert evaluation.side["orphans"] == {"entra": 0, "configmgr": 0}
