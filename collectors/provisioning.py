@@ -60,7 +60,7 @@ class ProvisioningCollector:
         )
         info = GaugeMetricFamily(
             "intune_provisioning_stuck_user_info",
-            "1 per stuck user with the reason, longest-waiting first, capped at stuck_users_listed per estate."
+            "1 per stuck user with its reason, longest-waiting first, at most stuck_users_listed per estate."
             + _FRESHNESS,
             labels=["estate", "provisioning_stage", "user", "reason"],
         )

@@ -13,6 +13,7 @@ import html
 import math
 import time
 from collections.abc import Iterable
+from importlib.resources import files
 from typing import Any
 
 import exporter
@@ -21,31 +22,8 @@ from exporter.pipelines.explain import explain, find_rows, iso
 from exporter.snapshot import EstateSnapshot, Snapshot, SourceStatus
 
 LISTED_ON_PAGE = 25
-_CSS = """
-:root{--ok:#1a7f37;--bad:#cf222e;--warn:#9a6700;--muted:#57606a;--line:#d0d7de;--bar:#0969da;--stuck:#cf222e}
-*{box-sizing:border-box}body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1f2328;background:#f6f8fa}
-header{background:#24292f;color:#fff;padding:12px 20px;display:flex;flex-wrap:wrap;gap:12px;align-items:center;justify-content:space-between}
-header h1{font-size:18px;margin:0}header a{color:#c9d1d9}
-main{max-width:1180px;margin:0 auto;padding:16px}
-section{background:#fff;border:1px solid var(--line);border-radius:8px;padding:14px 16px;margin:0 0 16px}
-h2{font-size:17px;margin:0 0 10px}h3{font-size:15px;margin:14px 0 6px}
-table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid var(--line);padding:5px 8px;text-align:left;vertical-align:top}
-th{font-weight:600;color:var(--muted);font-size:13px}
-.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-.bar{height:14px;background:var(--bar);border-radius:3px;min-width:1px}.bar.stuck{background:var(--stuck)}
-.barcell{width:40%}.muted{color:var(--muted)}.ok{color:var(--ok)}.bad{color:var(--bad)}.warn{color:var(--warn)}
-.pill{display:inline-block;padding:0 8px;border-radius:10px;font-size:12px;border:1px solid var(--line)}
-form.search{display:flex;gap:6px;flex-wrap:wrap}form.search input[type=text]{flex:1;min-width:200px;padding:6px 8px;font-size:15px;border:1px solid var(--line);border-radius:6px}
-form.search button,form.search select{padding:6px 12px;font-size:15px;border-radius:6px;border:1px solid var(--line);background:#fff}
-code{font-size:13px;overflow-wrap:anywhere}.scroll{overflow-x:auto;max-width:100%}
-.track{background:#eaeef2;border-radius:3px;height:14px;overflow:hidden}.steps li{margin:4px 0;list-style:none}.steps{padding-left:0}
-.tick{display:inline-block;width:1.4em;font-weight:700}
-@media (max-width:700px){.hide-narrow{display:none}td,th{padding:4px}main{padding:8px}
-table.reasons tr,table.reasons td,table.stuck tr,table.stuck td,table.sources tr,table.sources td{display:block;border:0}
-table.reasons tr:first-child,table.stuck tr:first-child,table.sources tr:first-child{display:none}
-table.reasons tr,table.stuck tr,table.sources tr{border-bottom:1px solid var(--line);padding:6px 0}
-table.reasons td.num,table.stuck td.num,table.sources td.num{text-align:left}}
-"""
+# Inline (no external assets): the page works offline, behind strict proxies, on a phone.
+_CSS = (files("exporter") / "data" / "pages.css").read_text(encoding="utf-8")
 
 
 def _e(value: object) -> str:
@@ -53,13 +31,18 @@ def _e(value: object) -> str:
 
 
 def _page(title: str, body: str) -> str:
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>{_e(title)}</title><link rel="icon" href="data:,"><style>{_CSS}</style></head>
-<body><header><h1><a href="./" style="color:#fff;text-decoration:none">intune-provisioning-exporter</a></h1>
-<nav><a href="metrics">metrics</a> · <a href="stuck">stuck (JSON)</a> · <a href="-/ready">ready</a></nav></header>
-<main>{body}</main></body></html>
-"""
+    head = (
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f'<title>{_e(title)}</title><link rel="icon" href="data:,"><style>{_CSS}</style></head>'
+    )
+    banner = (
+        '<header><h1><a href="./" class="home">intune-provisioning-exporter</a></h1>'
+        '<nav><a href="metrics">metrics</a> · <a href="stuck">stuck (JSON)</a> · '
+        '<a href="-/ready">ready</a></nav>'
+        "</header>"
+    )
+    return f"<!DOCTYPE html>\n{head}\n<body>{banner}\n<main>{body}</main></body></html>\n"
 
 
 def _waited(seconds: float) -> str:
@@ -75,19 +58,27 @@ def landing_page(snapshot: Snapshot, title: str = "intune-provisioning-exporter"
     )
     estates = [e.name for e in snapshot.estates]
     options = "".join(f"<option>{_e(n)}</option>" for n in estates)
-    search = f"""<section><h2>What happened to a user?</h2>
-<form class="search" action="trace" method="get"><input type="text" name="user" required
-placeholder="UPN, sAMAccountName, DOMAIN\\sam, objectGUID or Entra object id" aria-label="user">
-{'<select name="estate" aria-label="estate"><option value="">all estates</option>' + options + "</select>" if len(estates) > 1 else ""}
-<button type="submit">Trace</button></form>
-<p class="muted">Version {_e(exporter.__version__)}; {ready}; snapshot taken {_e(iso(snapshot.taken_at))}.</p></section>"""
+    choose = (
+        f'<select name="estate" aria-label="estate"><option value="">all estates</option>{options}</select>'
+        if len(estates) > 1
+        else ""
+    )
+    search = (
+        '<section><h2>What happened to a user?</h2><form class="search" action="trace" method="get">'
+        '<input type="text" name="user" required aria-label="user" '
+        'placeholder="UPN, sAMAccountName, DOMAIN\\sam, objectGUID or Entra object id">'
+        f'{choose}<button type="submit">Trace</button></form>'
+        f'<p class="muted">Version {_e(exporter.__version__)}; {ready}; '
+        f"snapshot taken {_e(iso(snapshot.taken_at))}.</p></section>"
+    )
     body = search + "".join(_estate_section(snapshot, estate) for estate in snapshot.estates)
     return _page(title, body)
 
 
 def _estate_section(snapshot: Snapshot, estate: EstateSnapshot) -> str:
     parts = [
-        f'<section id="estate-{_e(estate.name)}"><h2>{_e(estate.name)} <span class="pill">{_e(estate.pipeline)}</span></h2>'
+        f'<section id="estate-{_e(estate.name)}"><h2>{_e(estate.name)} '
+        f'<span class="pill">{_e(estate.pipeline)}</span></h2>'
     ]
     evaluation = estate.evaluation
     if evaluation is None:
@@ -121,7 +112,8 @@ def _funnel(estate: EstateSnapshot, users: dict[str, int] | Any, stuck: dict[str
             f"<div class='bar stuck' style='width:{stuck_share:.1f}%'></div></div></div></td></tr>"
         )
     return (
-        "<h3>Pipeline</h3><div class='scroll'><table class='funnel'><tr><th>Stage</th><th class='num'>Users</th>"
+        "<h3>Pipeline</h3><div class='scroll'><table class='funnel'>"
+        "<tr><th>Stage</th><th class='num'>Users</th>"
         "<th class='num'>Stuck</th><th class='hide-narrow muted'>users (log scale), stuck in red</th></tr>"
         + "".join(rows)
         + "</table></div>"
@@ -140,7 +132,8 @@ def _reasons(estate: EstateSnapshot, counts: Any) -> str:
         return "<h3>Why users are stuck</h3><p class='ok'>Nobody is stuck.</p>"
     rows.sort(key=lambda row: 0)  # keep the contract's order (stage, then precedence)
     return (
-        "<h3>Why users are stuck</h3><div class='scroll'><table class='reasons'><tr><th>Stage</th><th>Reason</th>"
+        "<h3>Why users are stuck</h3><div class='scroll'><table class='reasons'>"
+        "<tr><th>Stage</th><th>Reason</th>"
         "<th class='num'>Stuck</th><th>What to do</th></tr>" + "".join(rows) + "</table></div>"
     )
 
@@ -169,7 +162,8 @@ def _stuck_users(snapshot: Snapshot, estate: EstateSnapshot, rows: Iterable[int]
         who = f"<a href='{link}'>{_e(name)}</a>" if traceable else f"<code>{_e(name)}</code>"
         items.append(
             f"<tr><td>{who}</td><td>{_e(evaluation.stage_name(row))}</td>"
-            f"<td><code>{_e(evaluation.reason_name(row))}</code></td><td class='num'>{_e(_waited(waited))}</td></tr>"
+            f"<td><code>{_e(evaluation.reason_name(row))}</code></td>"
+            f"<td class='num'>{_e(_waited(waited))}</td></tr>"
         )
     return (
         "<h3>Longest-waiting stuck users</h3><div class='scroll'><table class='stuck'><tr><th>User</th>"
@@ -201,13 +195,15 @@ def _sources(estate: EstateSnapshot) -> str:
             if note
         )
         rows.append(
-            f"<tr><td>{_e(kind)}</td><td class='hide-narrow'>{_e(status.description)}</td><td>{_source_state(status)}</td>"
+            f"<tr><td>{_e(kind)}</td><td class='hide-narrow'>{_e(status.description)}</td>"
+            f"<td>{_source_state(status)}</td>"
             f"<td>{_e(iso(status.last_success) or 'never')}</td>"
             f"<td class='num'>{'' if status.records is None else status.records}</td><td>{notes}</td></tr>"
         )
     return (
         "<h3>Sources</h3><div class='scroll'><table class='sources'><tr><th>Source</th>"
-        "<th class='hide-narrow'>Reads from</th><th>State</th><th>Last success</th><th class='num'>Records</th>"
+        "<th class='hide-narrow'>Reads from</th><th>State</th><th>Last success</th>"
+        "<th class='num'>Records</th>"
         "<th>Last error / warning</th></tr>" + "".join(rows) + "</table></div>"
     )
 
@@ -318,15 +314,19 @@ def _trace_section(document: dict[str, Any]) -> str:
         state = "<span class='bad'>stuck</span>" if document["stuck"] else "<span class='warn'>waiting</span>"
         waited = _waited(float(document.get("waiting_seconds") or 0))
         verdict = (
-            f"<p>{state} at <b>{_e(document['stage'])}</b> for {_e(waited)} (since {_e(document['entered_stage_at'])})</p>"
+            f"<p>{state} at <b>{_e(document['stage'])}</b> for {_e(waited)} "
+            f"(since {_e(document['entered_stage_at'])})</p>"
             f"<p>Reason: <code>{_e(document['reason'])}</code> — {_e(document['detail'])}</p>"
             f"<p><b>What to do:</b> {_e(document['action'])}</p>"
         )
     return (
-        f"<section class='trace'><h2>{_e(user['upn'] or user['sam'])} <span class='pill'>{_e(document['estate'])}</span> "
+        f"<section class='trace'><h2>{_e(user['upn'] or user['sam'])} "
+        f"<span class='pill'>{_e(document['estate'])}</span> "
         f"<span class='pill'>{_e(document['pipeline'])}</span></h2>"
-        f"<p class='muted'>sAMAccountName {_e(user['sam'])} · objectGUID <code>{_e(user['object_guid'])}</code> · "
-        f"objectSid <code>{_e(user['object_sid'])}</code></p>{verdict}<h3>Steps</h3><ul class='steps'>{steps}</ul></section>"
+        f"<p class='muted'>sAMAccountName {_e(user['sam'])} · "
+        f"objectGUID <code>{_e(user['object_guid'])}</code> · "
+        f"objectSid <code>{_e(user['object_sid'])}</code></p>{verdict}"
+        f"<h3>Steps</h3><ul class='steps'>{steps}</ul></section>"
     )
 
 

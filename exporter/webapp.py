@@ -74,7 +74,8 @@ def build_app(registry: CollectorRegistry, snapshot: Callable[[], Snapshot], use
             try:
                 documents = trace_documents(current, user, estate)
             except TraceNotFound:
-                return Response(404, json.dumps({"error": "no in-scope user matches", "user": user}).encode(), JSON)
+                missing = {"error": "no in-scope user matches", "user": user}
+                return Response(404, json.dumps(missing).encode(), JSON)
             body = documents[0] if len(documents) == 1 else documents
             return Response(200, json.dumps(body, indent=2, ensure_ascii=False).encode(), JSON)
         status, page = trace_page(current, user, estate)

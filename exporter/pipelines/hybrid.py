@@ -104,7 +104,7 @@ class HybridMdmPipeline:
     def side_metrics(
         self, data: EstateData, settings: PipelineSettings, placement: Placement
     ) -> Mapping[str, Any]:
-        ad, entra, cm = _tables(data)
+        _, entra, cm = _tables(data)
         e = placement.links["entra"]
         c = placement.links["configmgr"]
         has_cloud = safe_take(cm.array("has_cloud"), c, False)
