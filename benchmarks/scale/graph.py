@@ -2,17 +2,22 @@
 
 The simulator runs in its own process so that its CPU and memory never count as the exporter's,
 and so that it does not share the driver's GIL. It answers the identity platform (token) and Graph
-on one HTTPS port; the driver reads its request counters and applies changes through admin routes.
+on one HTTPS port; the driver reads its request counters and applies changes through its admin
+routes (``GET /_sim/counters``, ``POST /_sim/users``).
+
+The simulator's own standalone mode (``python -m tests.entra.graph_sim serve``, with ``/users/delta``)
+is used when the checkout has it; otherwise :mod:`.graph_runner` serves the estate with the older
+in-process simulator (full reads only) behind the same admin routes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -20,14 +25,36 @@ from typing import Any
 from benchmarks.scale.estate import EstateFiles
 
 REPO = Path(__file__).resolve().parents[2]
+STANDALONE = REPO / "tests" / "entra" / "sim_server.py"
+TENANT_DOCUMENT = "graph_tenant_document.json"
+NOT_GRAPH = {"admin"}  # the driver's own calls
+
+
+def tenant_document(estate_dir: Path) -> Path:
+    """One JSON document (tenant, organization, licences, users) for the simulator's --tenant-file,
+    streamed from the generated files without parsing the users."""
+    target = estate_dir / TENANT_DOCUMENT
+    users = estate_dir / EstateFiles.GRAPH_USERS
+    if target.exists() and target.stat().st_mtime >= users.stat().st_mtime:
+        return target
+    head = json.loads((estate_dir / EstateFiles.GRAPH_TENANT).read_text())
+    partial = target.with_suffix(".tmp")
+    with partial.open("w", encoding="utf-8") as out, users.open(encoding="utf-8") as lines:
+        out.write(json.dumps(head)[:-1] + ', "users": [')
+        for number, line in enumerate(lines):
+            out.write(("," if number else "") + line.rstrip("\n"))
+        out.write("]}")
+    partial.replace(target)
+    return target
 
 
 class GraphService:
     def __init__(self, estate_dir: Path, root: Path) -> None:
         self.estate_dir = estate_dir
         self.root = root
-        self.ca_file = root / "graph-ca.pem"
+        self.ca_file = root / "ca.pem"
         self.port = 0
+        self.mode = "standalone" if STANDALONE.exists() else "graph_runner"
         self._process: subprocess.Popen[str] | None = None
         tenant = json.loads((estate_dir / EstateFiles.GRAPH_TENANT).read_text())
         self.tenant_id: str = tenant["tenant_id"]
@@ -42,18 +69,22 @@ class GraphService:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def start(self, timeout: float = 300.0) -> None:
+    def _command(self) -> list[str]:
+        if self.mode == "standalone":
+            document = tenant_document(self.estate_dir)
+            return [
+                *(sys.executable, "-m", "tests.entra.graph_sim", "serve", "--port", "0"),
+                *("--cert-dir", str(self.root), "--tenant-file", str(document)),
+            ]
+        return [
+            *(sys.executable, "-m", "benchmarks.scale.graph_runner"),
+            *("--estate", str(self.estate_dir), "--ca-file", str(self.ca_file)),
+        ]
+
+    def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         self._process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.scale.graph_runner",
-                "--estate",
-                str(self.estate_dir),
-                "--ca-file",
-                str(self.ca_file),
-            ],
+            self._command(),
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
             stdin=subprocess.PIPE,
@@ -61,17 +92,23 @@ class GraphService:
             text=True,
         )
         assert self._process.stdout is not None
-        deadline = time.monotonic() + timeout
         line = self._process.stdout.readline()  # the tenant loads first: a while at 500k users
-        if not line.startswith("READY ") or time.monotonic() > deadline:
+        try:
+            if self.mode == "standalone":
+                announced = json.loads(line)
+                self.port, self.ca_file = int(announced["port"]), Path(announced["ca_file"])
+            else:
+                self.port = int(line.split()[1])
+        except (ValueError, KeyError, IndexError):
             self.stop()
-            raise RuntimeError(f"the Graph simulator did not start: {line!r}")
-        self.port = int(line.split()[1])
+            raise RuntimeError(f"the Graph simulator did not start: {line!r}") from None
 
     def stop(self) -> None:
         process, self._process = self._process, None
         if process is None:
             return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
         if process.stdin is not None:
             process.stdin.close()
         try:
@@ -83,13 +120,15 @@ class GraphService:
     def _call(self, method: str, route: str, body: Any = None) -> Any:
         context = ssl.create_default_context(cafile=str(self.ca_file))
         data = None if body is None else json.dumps(body).encode("utf-8")
-        request = urllib.request.Request(f"{self.base_url}/_bench/{route}", data=data, method=method)
-        with urllib.request.urlopen(request, context=context, timeout=120) as response:
+        request = urllib.request.Request(f"{self.base_url}/_sim/{route}", data=data, method=method)
+        request.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(request, context=context, timeout=300) as response:
             return json.loads(response.read())
 
     def request_counts(self) -> dict[str, int]:
+        """Requests answered per endpoint since start (the driver's admin calls left out)."""
         counts: dict[str, int] = self._call("GET", "counters")["requests"]
-        return counts
+        return {endpoint: n for endpoint, n in counts.items() if endpoint not in NOT_GRAPH}
 
     def apply(
         self,

@@ -2,12 +2,12 @@
 
     python -m benchmarks.scale.graph_runner --estate DIR --ca-file CA.pem [--port N]
 
-A stop-gap until the simulator has a standalone mode of its own: it loads ``graph_users.jsonl`` and
-``graph_tenant.json`` into :class:`tests.entra.graph_sim.GraphSimulator` and adds two admin routes
-on the same port (no token needed, loopback only):
+For checkouts whose simulator has no standalone mode (graph.py prefers that one): it loads
+``graph_users.jsonl`` and ``graph_tenant.json`` into :class:`tests.entra.graph_sim.GraphSimulator`
+and answers the two admin routes the driver uses, as the standalone simulator does (loopback only):
 
-- ``GET /_bench/counters``: requests answered per endpoint since start;
-- ``POST /_bench/users``: ``{"upsert": [user, ...], "patch": [{"id", ...props}], "delete": [id, ...]}``.
+- ``GET /_sim/counters``: ``{"requests": {endpoint: n}}`` since start;
+- ``POST /_sim/users``: ``{"upsert": [user, ...], "patch": [{"id", ...props}], "delete": [id, ...]}``.
 
 It prints ``READY <port>`` on stdout once it accepts connections.
 """
@@ -24,7 +24,7 @@ from typing import Any
 from benchmarks.scale.estate import EstateFiles, graph_users
 from tests.entra.graph_sim import GraphSimulator, SimApp, SimTenant
 
-ADMIN_PREFIX = "/_bench/"
+ADMIN_PREFIX = "/_sim/"
 
 
 class BenchGraphSimulator(GraphSimulator):

@@ -108,10 +108,15 @@ def render(results: Results) -> list[str]:
         f"estate: {estate['ad_users_in_scope']} AD users in scope, {estate['entra_users']} Entra users, "
         f"{estate['configmgr_records']} ConfigMgr records; stages {estate['stages']}",
         "loading: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.load_seconds.items()),
+        f"load average (1/5/15 min): {r.load_average.get('start')} at start, "
+        f"{r.load_average.get('end')} at end",
     ]
     phases = r.phases
     if "start" in phases:
         first = phases["first_refresh"]
+        if "stage_metrics_seconds" in phases["start"]:
+            seconds = phases["start"]["stage_metrics_seconds"]
+            lines.append(f"stage metrics first exported after {seconds:.1f}s")
         lines += [
             f"start: HTTP answers after {phases['start']['http_seconds']:.2f}s, "
             f"/-/ready after {phases['start']['ready_seconds']:.1f}s "

@@ -24,6 +24,7 @@ classified afterwards by what the exporter was doing (first refresh, refresh, st
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -89,6 +90,10 @@ class Options:
         return self.refresh_interval or 60.0 + self.users * 0.0005
 
 
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -132,7 +137,7 @@ def running_servers(root: Path, estate_dir: Path, highest_usn: int) -> Iterator[
         servers.load_seconds["postgresql (initdb + COPY)"] = time.monotonic() - started
         started = time.monotonic()
         graph.start()
-        servers.load_seconds["graph simulator (load)"] = time.monotonic() - started
+        servers.load_seconds[f"graph simulator ({graph.mode})"] = time.monotonic() - started
         say(f"servers up: {slapd.ldaps_url}, postgresql 127.0.0.1:{cm.port}, graph {graph.base_url}")
         yield servers
     finally:
@@ -194,15 +199,21 @@ class StatusPoller:
         return sorted(windows, key=lambda w: w[1])
 
     def wait_for_refresh_after(
-        self, moment: float, kinds: tuple[str, ...], timeout: float
+        self, moment: float, kinds: tuple[str, ...], timeout: float, *, started: bool = False
     ) -> dict[str, SourceStatus]:
+        """The statuses once every source finished a refresh after ``moment`` (that also
+        *started* after it, with ``started``)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             sources = self.latest()
-            if all(kind in sources and sources[kind].last_success > moment for kind in kinds):
+            if all(kind in sources and _refreshed_after(sources[kind], moment, started) for kind in kinds):
                 return sources
             time.sleep(0.5)
         raise TimeoutError(f"not every source refreshed within {timeout:g}s")
+
+
+def _refreshed_after(status: SourceStatus, moment: float, started: bool) -> bool:
+    return (status.last_success - status.duration if started else status.last_success) > moment
 
 
 class ScraperProcess:
@@ -261,6 +272,7 @@ class Results:
     solo: dict[str, dict[str, float]] = field(default_factory=dict)
     floor: Floor | None = None
     warnings: list[str] = field(default_factory=list)
+    load_average: dict[str, str] = field(default_factory=dict)  # other work on the machine skews figures
 
 
 def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -299,6 +311,7 @@ class Driver:
             },
         )
         self.results = results
+        results.load_average["start"] = load_average()
         self.command, self.env = self._exporter_command()
         shutil.rmtree(self.exporter_dir, ignore_errors=True)
         self.exporter_dir.mkdir(parents=True)
@@ -316,13 +329,21 @@ class Driver:
                 say("measuring the decoding floor")
                 conn = servers.cm.connection_string(declare_fetch=self.options.declare_fetch)
                 results.floor = measure_floor(servers.slapd, servers.graph, servers.cm, conn)
+        results.load_average["end"] = load_average()
         return results
 
     def _exporter_command(self) -> tuple[list[str], dict[str, str]]:
         source = self.options.exporter_src
         if self.options.exporter_rev:
-            source = snapshot_exporter(self.options.exporter_rev, self.root / "exporter-src", REPO)
-            say(f"exporter from git revision {self.options.exporter_rev} ({source})")
+            revision = subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--short", self.options.exporter_rev],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+            self.results.options["exporter_rev"] = revision
+            source = snapshot_exporter(revision, self.root / "exporter-src", REPO)
+            say(f"exporter from git revision {revision} ({source})")
         return exporter_command(source)
 
     def _config(
@@ -367,44 +388,41 @@ class Driver:
     # -- phase 1-3
     def main_run(self) -> None:
         options, results, servers = self.options, self.results, self.servers
-        exporter = ExporterProcess(
-            self.command, self._config("main"), self.exporter_dir / "main.log", self.env
-        )
+        config = self._config("main")
+        exporter = ExporterProcess(self.command, config, self.exporter_dir / "main.log", self.env)
         graph_before = servers.graph.request_counts()
         ldap_start = servers.slapd.log_offset()
         say(f"starting the exporter (refresh_interval {options.interval():.0f}s)")
         t0 = exporter.start()
         sampler = self._sampler(exporter)
-        scrapers: ScraperProcess | None = None
         poller = StatusPoller(exporter)
+        scrapers: ScraperProcess | None = None
+        samples: list[dict[str, Any]] = []
+        t_ready = float("inf")
         try:
             t_http = exporter.wait_http(120)
-            if options.scrapers:
-                out = self.exporter_dir / "scrapes.jsonl"
-                scrapers = ScraperProcess(
-                    exporter.base_url + "/metrics", out, options.scrapers, options.scrape_every
-                )
+            scrapers = self._start_scrapers(exporter)
             poller.start()
             t_ready = exporter.wait_ready(READY_TIMEOUT)
             say(f"ready after {t_ready - t0:.1f}s (HTTP after {t_http - t0:.2f}s)")
-            ready_scrape = exporter.scrape()
-            results.checks.append(
-                check_truth(ready_scrape, self.truth, ESTATE, "at first ready", settled=False)
-            )
+            results.phases["start"] = self._first_checks(exporter, t0, t_http, t_ready)
             first = self._refresh_figures(poller, sampler, t0, t_ready, graph_before, ldap_start, None)
-            results.phases["start"] = {"http_seconds": t_http - t0, "ready_seconds": t_ready - t0}
-            results.phases["first_refresh"] = vars(first)
-            results.phases["first_refresh"]["cpu_to_ready"] = sampler.cpu_at(t_ready)
-            results.phases["first_refresh"]["rss_at_ready_mib"] = sampler.peak_rss_mib(
-                t_ready - 0.5, t_ready + 0.5
-            )
-            self._wait_for_state_write(sampler, t_ready)
+            results.phases["first_refresh"] = {
+                **vars(first),
+                "cpu_to_ready": sampler.cpu_at(t_ready),
+                "rss_at_ready_mib": sampler.peak_rss_mib(t_ready - 0.5, t_ready + 0.5),
+            }
+            last_end = max((s.last_success for s in poller.latest().values()), default=t_ready)
+            self._wait_for_state_write(sampler, last_end)
             time.sleep(options.quiet_seconds)
+            self._await_idle_gap(poller, sampler, t0)
             if options.churn:
-                self._churn_phase(exporter, poller, sampler, t0)
+                self._churn_phase(exporter, poller, sampler)
             else:
                 settled = exporter.scrape()
                 results.checks.append(check_truth(settled, self.truth, ESTATE, "steady state", settled=True))
+            if scrapers is not None:
+                samples, scrapers = scrapers.stop(), None
             say("SIGTERM")
             exit_seconds, code = exporter.terminate()
             results.phases["sigterm_idle"] = {"seconds": exit_seconds, "exit_code": code}
@@ -412,12 +430,11 @@ class Driver:
             poller.stop()
             if scrapers is not None:
                 samples = scrapers.stop()
-                results.scrape_latency = report.latency_by_phase(
-                    samples, t0, t_ready if "start" in results.phases else float("inf"),
-                    poller.refresh_windows(), self._write_windows(sampler, poller),
-                )  # fmt: skip
             sampler.stop()
             exporter.kill()
+        results.scrape_latency = report.latency_by_phase(
+            samples, t0, t_ready, poller.refresh_windows(), self._write_windows(sampler, poller)
+        )
         results.phases["main_process"] = {
             "peak_rss_mib": sampler.hwm_mib(),
             "cpu_total": sampler.last_cpu(),
@@ -425,9 +442,39 @@ class Driver:
             "state_writes": self._write_durations(sampler, poller),
         }
 
-    def _churn_phase(
-        self, exporter: ExporterProcess, poller: StatusPoller, sampler: Sampler, t0: float
-    ) -> None:
+    def _start_scrapers(self, exporter: ExporterProcess) -> ScraperProcess | None:
+        if not self.options.scrapers:
+            return None
+        out = self.exporter_dir / "scrapes.jsonl"
+        out.unlink(missing_ok=True)
+        url = exporter.base_url + "/metrics"
+        return ScraperProcess(url, out, self.options.scrapers, self.options.scrape_every)
+
+    def _first_checks(
+        self, exporter: ExporterProcess, t0: float, t_http: float, t_ready: float
+    ) -> dict[str, float]:
+        """Check the counts at /-/ready; if the stage metrics are not there yet (an exporter that
+        evaluates after it is ready), also when they appear."""
+        start = {"http_seconds": t_http - t0, "ready_seconds": t_ready - t0}
+        scrape = exporter.scrape()
+        self.results.checks.append(check_truth(scrape, self.truth, ESTATE, "at first ready", settled=False))
+        if scrape.has("intune_provisioning_users"):
+            return start
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not scrape.has("intune_provisioning_users") and time.monotonic() < deadline:
+            time.sleep(0.1)
+            scrape = exporter.scrape()
+        start["stage_metrics_seconds"] = time.time() - t0
+        self.results.warnings.append(
+            f"/-/ready answered 200 {start['stage_metrics_seconds'] - start['ready_seconds']:.1f}s before "
+            "the stage metrics were exported"
+        )
+        self.results.checks.append(
+            check_truth(scrape, self.truth, ESTATE, "when the stage metrics appeared", settled=False)
+        )
+        return start
+
+    def _churn_phase(self, exporter: ExporterProcess, poller: StatusPoller, sampler: Sampler) -> None:
         results, servers = self.results, self.servers
         graph_before = servers.graph.request_counts()
         say("applying the 1% change set")
@@ -435,20 +482,34 @@ class Driver:
         done = time.time()
         ldap_after_churn = servers.slapd.log_offset()
         results.phases["churn"] = vars(applied)
-        next_cycle = t0 + self.options.interval()
-        if done > next_cycle - 1:
+        overlapping = [w for w in poller.refresh_windows() if w[2] > applied.applied_at and w[1] < done]
+        if overlapping:
             results.warnings.append(
-                f"the change set was applied {done - next_cycle:+.0f}s after the second refresh cycle "
-                "was due: raise --refresh-interval so that the second refresh sees all of it"
+                f"refreshes ran while the change set was applied ({', '.join(w[0] for w in overlapping)}): "
+                "the Graph and AD counts of the next refresh may include part of them"
             )
-        say(f"change set applied in {done - applied.applied_at:.1f}s; waiting for the second refresh")
-        statuses = poller.wait_for_refresh_after(done, ALL_KINDS, self.options.interval() + READY_TIMEOUT)
+        say(f"change set applied in {done - applied.applied_at:.1f}s; waiting for the next refresh")
+        timeout = self.options.interval() + READY_TIMEOUT
+        statuses = poller.wait_for_refresh_after(done, ALL_KINDS, timeout, started=True)
         second = self._refresh_figures(poller, sampler, done, None, graph_before, ldap_after_churn, statuses)
         results.phases["second_refresh"] = vars(second)
         after = exporter.scrape()
         results.checks.append(
             check_truth(after, self.truth_after, ESTATE, "after the 1% change", settled=True)
         )
+        self._wait_for_state_write(sampler, max(s.last_success for s in statuses.values()))
+
+    def _await_idle_gap(self, poller: StatusPoller, sampler: Sampler, t0: float) -> None:
+        """Return when no refresh cycle is due while the change set is applied: every source is
+        refreshed every interval from the start, so if the next cycle is near, let it pass first."""
+        interval = self.options.interval()
+        budget = 10.0 + self.options.users * 5e-5  # applying the change set (slapd restart included)
+        now = time.time()
+        due = t0 + (math.floor((now - t0) / interval) + 1) * interval
+        if now + budget < due - 2:
+            return
+        say(f"letting the refresh cycle due in {due - now:.0f}s pass before the change set")
+        statuses = poller.wait_for_refresh_after(due - 2, ALL_KINDS, interval + READY_TIMEOUT, started=True)
         self._wait_for_state_write(sampler, max(s.last_success for s in statuses.values()))
 
     def _refresh_figures(
