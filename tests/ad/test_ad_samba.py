@@ -15,7 +15,7 @@ import pytest
 
 from exporter.config import ActiveDirectoryConfig
 from exporter.ids import immutable_id
-from exporter.model import AdData
+from exporter.model import AdTable, AdUser
 from exporter.sources.ad import ActiveDirectorySource
 from exporter.sources.base import Source, SourceError
 from tests.ad.conftest import (
@@ -35,12 +35,16 @@ from tests.ad.conftest import (
 NAMED_STAFF = {"zoe.angstrom", "lilei", "nora"}
 
 
-def read(config: ActiveDirectoryConfig) -> AdData:
+def read(config: ActiveDirectoryConfig) -> AdTable:
     source = ActiveDirectorySource(config)
     try:
         return source.refresh(None)
     finally:
         source.close()
+
+
+def users_of(table: AdTable) -> list[AdUser]:
+    return [table.record(row) for row in range(table.n)]
 
 
 def failure(config: ActiveDirectoryConfig) -> SourceError:
@@ -96,7 +100,7 @@ def unbinds(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
 def test_reads_enabled_users_under_the_search_base_only(samba_dc: SambaDC, directory: Directory) -> None:
     data = read(make_config(samba_dc))
 
-    sams = [user.sam_account_name for user in data.users]
+    sams = [user.sam_account_name for user in users_of(data)]
     assert len(sams) == len(set(sams)) == data.records == len(NAMED_STAFF) + BULK_USERS
     assert set(sams) == directory.expected_in_staff()
     assert "dana" not in sams  # disabled (userAccountControl 514), excluded by the default filter
@@ -106,7 +110,7 @@ def test_reads_enabled_users_under_the_search_base_only(samba_dc: SambaDC, direc
 
 
 def test_identifiers_are_what_samba_stores(samba_dc: SambaDC, directory: Directory) -> None:
-    by_sam = {user.sam_account_name: user for user in read(make_config(samba_dc)).users}
+    by_sam = {user.sam_account_name: user for user in users_of(read(make_config(samba_dc)))}
 
     for sam in directory.expected_in_staff():
         stored, user = directory.users[sam], by_sam[sam]
@@ -116,24 +120,23 @@ def test_identifiers_are_what_samba_stores(samba_dc: SambaDC, directory: Directo
         assert user.object_sid == stored.sid_text
         assert user.object_sid.startswith(directory.domain_sid + "-")
         assert user.when_created == stored.when_created.timestamp()
-        assert user.distinguished_name == stored.dn
         assert user.user_principal_name == stored.upn
-        assert user.user_account_control == stored.uac == 512
+        assert stored.uac == 512  # enabled: the default filter keeps only these
         assert user.source_anchor == stored.guid_raw  # default source_anchor: objectGUID
         assert immutable_id(user.source_anchor) == base64.b64encode(stored.guid_raw).decode()
 
 
 def test_unicode_names_and_missing_upn(samba_dc: SambaDC, directory: Directory) -> None:
-    by_sam = {user.sam_account_name: user for user in read(make_config(samba_dc)).users}
+    by_sam = {user.sam_account_name: user for user in users_of(read(make_config(samba_dc)))}
 
-    assert by_sam["zoe.angstrom"].distinguished_name == f"CN=Zoë Ångström,{STAFF_OU}"
-    assert by_sam["lilei"].distinguished_name == f"CN=李雷,{STAFF_OU}"
+    assert directory.users["zoe.angstrom"].dn == f"CN=Zoë Ångström,{STAFF_OU}"
+    assert by_sam["zoe.angstrom"].user_principal_name == "zoe.angstrom@test.local"
     assert by_sam["lilei"].user_principal_name == "李雷@test.local"
     assert by_sam["nora"].user_principal_name is None
 
 
 def test_when_created_is_recent_posix_seconds(samba_dc: SambaDC, directory: Directory) -> None:
-    users = read(make_config(samba_dc)).users
+    users = users_of(read(make_config(samba_dc)))
     stored = directory.users["zoe.angstrom"].when_created
     offset = stored.utcoffset()
     assert offset is not None and offset.total_seconds() == 0  # ldap3 renders whenCreated as UTC
@@ -146,18 +149,20 @@ def test_when_created_is_recent_posix_seconds(samba_dc: SambaDC, directory: Dire
 def test_paged_search_spans_several_pages(
     samba_dc: SambaDC, directory: Directory, searches: list[SearchCall]
 ) -> None:
-    data = read(make_config(samba_dc, page_size=100, netbios_domain="TEST"))
+    config = make_config(samba_dc, page_size=100, netbios_domain="TEST")
+    data = read(config)
 
     assert data.records == len(NAMED_STAFF) + BULK_USERS  # 253 users: 3 pages of at most 100
-    pages = [call for call in searches if call.paged_size is not None]
-    assert [call.paged_size for call in pages] == [100, 100, 100]
-    assert {call.base for call in pages} == {STAFF_OU}
+    user_pages = [
+        call for call in searches if call.base == STAFF_OU and call.search_filter == config.user_filter
+    ]
+    assert [call.paged_size for call in user_pages] == [100, 100, 100]
 
 
 def test_consistency_guid_anchor_falls_back_to_object_guid(samba_dc: SambaDC, directory: Directory) -> None:
     by_sam = {
         user.sam_account_name: user
-        for user in read(make_config(samba_dc, source_anchor="mS-DS-ConsistencyGuid")).users
+        for user in users_of(read(make_config(samba_dc, source_anchor="mS-DS-ConsistencyGuid")))
     }
 
     zoe, lilei = directory.users["zoe.angstrom"], directory.users["lilei"]
@@ -173,7 +178,7 @@ def test_consistency_guid_anchor_falls_back_to_object_guid(samba_dc: SambaDC, di
 
 def test_overlapping_search_bases_return_each_user_once(samba_dc: SambaDC, directory: Directory) -> None:
     config = make_config(samba_dc, search_bases=(STAFF_OU, BULK_OU, CONTRACTORS_OU))
-    sams = [user.sam_account_name for user in read(config).users]
+    sams = [user.sam_account_name for user in users_of(read(config))]
 
     assert len(sams) == len(set(sams)) == len(NAMED_STAFF) + BULK_USERS + 1
     assert "carl" in sams
@@ -181,7 +186,7 @@ def test_overlapping_search_bases_return_each_user_once(samba_dc: SambaDC, direc
 
 def test_custom_filter_is_used(samba_dc: SambaDC, directory: Directory) -> None:
     config = make_config(samba_dc, user_filter="(&(objectClass=user)(sAMAccountName=bulk00*))")
-    sams = sorted(user.sam_account_name for user in read(config).users)
+    sams = sorted(user.sam_account_name for user in users_of(read(config)))
     assert sams == [f"bulk{index:04d}" for index in range(100)]
 
 
@@ -321,7 +326,8 @@ def test_configured_netbios_domain_skips_discovery(
 ) -> None:
     data = read(make_config(samba_dc, search_bases=(CONTRACTORS_OU,), netbios_domain="CONTOSO"))
     assert data.netbios_domain == "CONTOSO"
-    assert [call.base for call in searches] == [CONTRACTORS_OU]
+    assert data.record(0).sam_account_name == "carl"
+    assert not [call for call in searches if call.base.startswith("CN=Partitions,")]
 
 
 # ------------------------------------------------------------------------------ connection use
