@@ -186,3 +186,23 @@ def test_shared_rendering_passes_on_failures():
 
     with pytest.raises(RuntimeError, match="collector broke"):
         SharedRendering(fail).get()
+
+
+def test_shared_rendering_reuse_follows_the_snapshot():
+    """A rendering is reused while the snapshot is the same object (up to max_age), and a new
+    snapshot is rendered at once."""
+    snapshot = [object()]
+    renders = []
+
+    def render() -> bytes:
+        renders.append(1)
+        return f"rendering {len(renders)}".encode()
+
+    shared = SharedRendering(render, lambda: snapshot[0], max_age=60.0)
+    assert [shared.get(), shared.get()] == [b"rendering 1", b"rendering 1"]
+    snapshot[0] = object()
+    assert shared.get() == b"rendering 2"
+    expiring = SharedRendering(render, lambda: snapshot[0], max_age=0.05)
+    assert expiring.get() == b"rendering 3"
+    time.sleep(0.1)
+    assert expiring.get() == b"rendering 4"

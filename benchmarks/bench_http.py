@@ -1,0 +1,214 @@
+"""HTTP latency of the exporter process: /metrics p50/p95/p99 for plain HTTP and TLS + basic auth,
+with 1 and 20 concurrent scrapers, each on keep-alive connections and on a new connection per scrape.
+
+Not a test: run ``python3 benchmarks/bench_http.py [--requests N]``. It starts ``--demo`` twice (plain,
+and with a web config for TLS + bcrypt basic auth) on loopback, waits until ready, then drives each
+scenario. By default the scrapers run a closed loop (each sends its next request as soon as it has the
+previous answer): that saturates both cores, client and server together, so it measures throughput
+as much as latency. ``--interval 0.1`` paces each scraper (20 scrapers at 10 scrapes/s each, out of
+phase), still far denser than Prometheus scraping every 15 s. Scrapers are spread over several
+client processes so that the client's own GIL does not dominate the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import multiprocessing
+import os
+import random
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import bcrypt
+import trustme
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = b"bench-pass"
+CLIENT_PROCESSES = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_exporter(port: int, web_config: Path | None) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "exporter", "--demo", "--web.listen-address", f"127.0.0.1:{port}"]
+    if web_config is not None:
+        args += ["--web.config.file", str(web_config)]
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def connect(port: int, ca_file: str | None) -> http.client.HTTPConnection:
+    if ca_file is None:
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    context = ssl.create_default_context(cafile=ca_file)
+    return http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+
+
+def scrape(connection: http.client.HTTPConnection, headers: dict[str, str]) -> None:
+    connection.request("GET", "/metrics", headers=headers)
+    response = connection.getresponse()
+    body = response.read()
+    if response.status != 200 or not body:
+        raise RuntimeError(f"/metrics answered {response.status}")
+
+
+def wait_ready(port: int, ca_file: str | None, headers: dict[str, str]) -> None:
+    end = time.monotonic() + 60
+    while time.monotonic() < end:
+        try:
+            connection = connect(port, ca_file)
+            connection.request("GET", "/-/ready", headers=headers)
+            response = connection.getresponse()
+            response.read()
+            if response.status == 200:
+                scrape(connection, headers)  # warm up: the first bcrypt check is slow by design
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"exporter on port {port} was not ready within 60 s")
+
+
+def scraper(
+    port: int, ca_file: str | None, headers: dict[str, str], keep_alive: bool, count: int, interval: float
+) -> list[float]:
+    latencies = []
+    connection = connect(port, ca_file) if keep_alive else None
+    due = time.perf_counter() + random.uniform(0, interval)  # scrapers out of phase, as in real life
+    for _ in range(count):
+        if interval:
+            time.sleep(max(0.0, due - time.perf_counter()))
+            due += interval
+        start = time.perf_counter()
+        if keep_alive:
+            assert connection is not None
+            scrape(connection, headers)
+        else:
+            fresh = connect(port, ca_file)
+            scrape(fresh, headers)
+            fresh.close()
+        latencies.append(time.perf_counter() - start)
+    if connection is not None:
+        connection.close()
+    return latencies
+
+
+def client_process(args: tuple[int, str | None, dict[str, str], bool, int, int, float]) -> list[float]:
+    port, ca_file, headers, keep_alive, threads, count, interval = args
+    results: list[list[float]] = [[] for _ in range(threads)]
+
+    def run(index: int) -> None:
+        results[index] = scraper(port, ca_file, headers, keep_alive, count, interval)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return [latency for result in results for latency in result]
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def run_scenario(
+    pool: multiprocessing.pool.Pool,
+    port: int,
+    ca_file: str | None,
+    headers: dict[str, str],
+    concurrency: int,
+    keep_alive: bool,
+    total: int,
+    interval: float,
+) -> list[float]:
+    processes = min(CLIENT_PROCESSES, concurrency)
+    per_scraper = max(1, total // concurrency)
+    shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
+    jobs = [(port, ca_file, headers, keep_alive, threads, per_scraper, interval) for threads in shares]
+    return [latency for result in pool.map(client_process, jobs) for latency in result]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000, help="requests per scenario (default 2000)")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=0.0,
+        help="seconds between one scraper's requests (default 0: closed loop, each scraper sends its next "
+        "request as soon as it has the answer, which saturates this machine's cores)",
+    )
+    options = parser.parse_args()
+    with tempfile.TemporaryDirectory() as directory:
+        folder = Path(directory)
+        ca = trustme.CA()
+        issued = ca.issue_cert("127.0.0.1")
+        issued.cert_chain_pems[0].write_to_path(str(folder / "cert.pem"))
+        issued.private_key_pem.write_to_path(str(folder / "key.pem"))
+        ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+        hashed = bcrypt.hashpw(PASSWORD, bcrypt.gensalt(rounds=10)).decode()
+        (folder / "web.yml").write_text(
+            "tls_server_config:\n  cert_file: cert.pem\n  key_file: key.pem\n"
+            f"basic_auth_users:\n  prometheus: '{hashed}'\n"
+        )
+        auth = {"Authorization": "Basic " + base64.b64encode(b"prometheus:" + PASSWORD).decode()}
+        plain_port, tls_port = free_port(), free_port()
+        setups = {
+            "plain": (plain_port, None, {}, start_exporter(plain_port, None)),
+            "tls+auth": (
+                tls_port,
+                str(folder / "ca.pem"),
+                auth,
+                start_exporter(tls_port, folder / "web.yml"),
+            ),
+        }
+        try:
+            for port, ca_file, headers, _ in setups.values():
+                wait_ready(port, ca_file, headers)
+            pacing = f"each scraper every {options.interval:g} s" if options.interval else "closed loop"
+            print(
+                f"/metrics latency, {options.requests} requests per scenario, {pacing}, {os.cpu_count()} CPUs"
+            )
+            columns = ("scrapers", "connection", "req/s", "p50 ms", "p95 ms", "p99 ms")
+            print(f"{'setup':9} " + " ".join(f"{c:>{max(7, len(c))}}" for c in columns))
+            with multiprocessing.Pool(CLIENT_PROCESSES) as pool:
+                for name, (port, ca_file, headers, _) in setups.items():
+                    for concurrency in (1, 20):
+                        for keep_alive in (True, False):
+                            start = time.perf_counter()
+                            latencies = run_scenario(
+                                pool,
+                                port,
+                                ca_file,
+                                headers,
+                                concurrency,
+                                keep_alive,
+                                options.requests,
+                                options.interval,
+                            )
+                            rate = len(latencies) / (time.perf_counter() - start)
+                            p50, p95, p99 = (percentile(latencies, f) * 1000 for f in (0.5, 0.95, 0.99))
+                            mode = "keep-alive" if keep_alive else "new"
+                            figures = f"{rate:7.0f} {p50:7.1f} {p95:7.1f} {p99:7.1f}"
+                            print(f"{name:9} {concurrency:8} {mode:>10} {figures}")
+        finally:
+            for _, _, _, process in setups.values():
+                process.terminate()
+                process.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
