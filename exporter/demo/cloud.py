@@ -85,6 +85,7 @@ GROUPS = (STAFF, FRONTLINE, CONTRACTORS, NO_MDM_PILOT)
 
 DEVICE_SYNC_CYCLE = 8 * HOUR
 GRACE_PERIOD = 7 * DAY
+CLEANUP_AFTER = 180 * DAY  # the tenant's device clean-up rule deletes devices silent for this long
 CO_MANAGED = "configurationManagerClientMdm"
 ACTIVE = ("Active", "ActiveWithError")
 
@@ -325,6 +326,16 @@ class CloudEstate(SimulatedEstate):
         elif problem is not None:
             p.problem_since = first
             p.problem_until = later(first, p.fix_after)
+        for device in p.devices:
+            device.removed_at = min(device.removed_at, self._cleaned_up_at(p, device))
+
+    @staticmethod
+    def _cleaned_up_at(p: CloudUser, d: SimDevice) -> float:
+        """When the clean-up rule deletes the device, because it stopped checking in (NEVER: it does not)."""
+        silent = later(d.frozen_at, CLEANUP_AFTER)
+        if p.problem == "stale" and later(p.problem_since, CLEANUP_AFTER) < p.problem_until:
+            silent = min(silent, later(p.problem_since, CLEANUP_AFTER))
+        return silent
 
     def _computer(self, rng: random.Random, enrolled: float, os: str, agent: str) -> SimDevice:
         serial = rng.randrange(10000, 99999)

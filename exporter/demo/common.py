@@ -127,6 +127,8 @@ class EstateSpec:
     hire_interval: float  # mean seconds between two new hires (the steady trickle)
     fates: tuple[tuple[str, float], ...]  # share of people per fate ("ok" goes all the way)
     entra_connect_outage: tuple[float, float] | None = None  # relative to the start
+    # HR imports: (when, relative to the start and before it; how many accounts, created within 20 minutes).
+    hr_batches: tuple[tuple[float, int], ...] = ()
 
     def draw_fate(self, rng: random.Random) -> str:
         return rng.choices([f for f, _ in self.fates], [w for _, w in self.fates])[0]
@@ -173,9 +175,13 @@ class SimulatedEstate:
         self.clock = clock
         self.seed = seed
         self.start = clock()
-        self.entra_connect = Schedule(
-            ENTRA_CONNECT_CYCLE, 42.0, window(self.start, spec.entra_connect_outage)
+        # An outage begins a minute after a sync cycle: Entra Connect's last sync is as old as the outage.
+        cycle = Schedule(ENTRA_CONNECT_CYCLE, 42.0)
+        outages = tuple(
+            (cycle.last_run(since) + MINUTE, until)
+            for since, until in window(self.start, spec.entra_connect_outage)
         )
+        self.entra_connect = Schedule(cycle.period, cycle.offset, outages)
         rng = random.Random(f"{seed}/{spec.name}/domain")
         self.domain_sid = f"S-1-5-21-{rng.randrange(10**9)}-{rng.randrange(10**9)}-{rng.randrange(10**9)}"
         self.cloud_admins = max(5, spec.users // 25)
@@ -213,6 +219,12 @@ class SimulatedEstate:
             for _ in range(max(0, spec.users - round(trickle)))
         ]
         recent = [person for day in range(PAST_HIRING_DAYS) for person in self._hires_of_day(day)]
+        for number, (when, count) in enumerate(spec.hr_batches):
+            assert when < 0, "an HR import of the demo happens before its start"
+            batch = random.Random(f"{self.seed}/{spec.name}/hr-import/{number}")
+            recent += [
+                self._hire(batch, self.start + when + batch.uniform(0, 20 * MINUTE)) for _ in range(count)
+            ]
         for person in sorted(early + recent, key=lambda p: (p.created, p.guid)):
             self._enlist(person)
 
