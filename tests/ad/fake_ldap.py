@@ -73,7 +73,26 @@ def search_entry(dn: str, attributes: dict[str, list[bytes]]) -> bytes:
 class Request:
     message_id: int
     operation: int  # the protocolOp tag, e.g. BIND_REQUEST
-    raw: bytes
+    body: bytes  # the content of the protocolOp
+
+    @property
+    def search_base(self) -> str:
+        """The baseObject of a search request (the first field of its body)."""
+        _, content, _ = _read_tlv(self.body, 0)
+        return content.decode("utf-8")
+
+
+def _read_tlv(data: bytes, position: int) -> tuple[int, bytes, int]:
+    """(tag, content, position after it) of the TLV at ``position``."""
+    tag, first = data[position], data[position + 1]
+    position += 2
+    if first & 0x80:
+        size = first & 0x7F
+        length = int.from_bytes(data[position : position + size], "big")
+        position += size
+    else:
+        length = first
+    return tag, data[position : position + length], position + length
 
 
 class Client:
@@ -104,10 +123,10 @@ class Client:
         if not self._fill(header + length):
             return None
         raw, self._buffer = self._buffer[: header + length], self._buffer[header + length :]
-        body = raw[header:]
-        id_length = body[1]
-        message_id = int.from_bytes(body[2 : 2 + id_length], "big")
-        return Request(message_id, body[2 + id_length], raw)
+        _, content, _ = _read_tlv(raw, 0)
+        _, message_id, position = _read_tlv(content, 0)
+        operation, body, _ = _read_tlv(content, position)
+        return Request(int.from_bytes(message_id, "big"), operation, body)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)

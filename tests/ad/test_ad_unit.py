@@ -25,6 +25,7 @@ from ldap3.core import exceptions as ldap_errors
 
 from exporter.config import ActiveDirectoryConfig, Secret
 from exporter.ids import sid_to_bytes
+from exporter.model import AdTable, AdUser
 from exporter.sources.ad import (
     ActiveDirectorySource,
     build_ssl_context,
@@ -34,7 +35,9 @@ from exporter.sources.ad import (
     stream_users,
     user_attributes,
 )
+from exporter.sources.ad_ldap import LdapSession
 from exporter.sources.base import ConfigurationError, SourceError
+from tests.ad.fake_ldap import SEARCH_REQUEST, Request, fake_ldap, search_done, search_entry, serve_searches
 
 PASSWORD = "S3cret-Value!"
 SID = "S-1-5-21-1004336348-1177238915-682003330-1105"
@@ -94,14 +97,13 @@ def test_endpoint_rejects_other_schemes() -> None:
 
 
 def test_attributes_requested() -> None:
+    # Only what the records hold: the model keeps no DN or userAccountControl.
     assert user_attributes("objectGUID") == [
         "objectGUID",
         "objectSid",
         "sAMAccountName",
         "userPrincipalName",
         "whenCreated",
-        "userAccountControl",
-        "distinguishedName",
     ]
     assert user_attributes("mS-DS-ConsistencyGuid")[-1] == "mS-DS-ConsistencyGuid"
 
@@ -116,6 +118,12 @@ def test_simple_bind_connection() -> None:
     assert conn.server.ssl is True
     assert conn.server.connect_timeout == 7.5
     assert conn.receive_timeout == 8  # whole seconds, rounded up (ldap3 needs an int)
+
+
+def test_connection_timeouts_shrink_to_the_deadline() -> None:
+    conn = ActiveDirectorySource(config()).build_connection(deadline=time.monotonic() + 2.2)
+    assert 2.0 < conn.server.connect_timeout <= 2.2
+    assert conn.receive_timeout == 3
     assert conn.read_only is True
     assert conn.closed  # building does no network I/O
 
@@ -169,7 +177,9 @@ def guid() -> bytes:
 
 
 def mock_connection(entries: dict[str, dict[str, Any]]) -> ldap3.Connection:
-    server = ldap3.Server("mock-dc", get_info=ldap3.OFFLINE_AD_2012_R2)
+    # No schema, like the real source (get_info=NONE): an offline schema would make ldap3 reject
+    # the rootDSE's operational attribute names before sending the request.
+    server = ldap3.Server("mock-dc", get_info=ldap3.NONE)
     conn = ldap3.Connection(
         server,
         user="CN=svc,DC=contoso,DC=com",
@@ -217,12 +227,18 @@ def directory() -> Iterator[tuple[ldap3.Connection, dict[str, bytes]]]:
     conn.unbind()
 
 
+def session_of(conn: ldap3.Connection) -> LdapSession:
+    return LdapSession(conn, timeout=5.0, deadline=None, start_tls=False)
+
+
+def users_of(table: AdTable) -> list[AdUser]:
+    return [table.record(row) for row in range(table.n)]
+
+
 def test_consistency_guid_anchor_with_fallback(directory: tuple[ldap3.Connection, dict[str, bytes]]) -> None:
     conn, guids = directory
-    users = {
-        u.sam_account_name: u
-        for u in stream_users(conn, [BASE], "(objectClass=user)", "mS-DS-ConsistencyGuid", page_size=1)
-    }
+    found = stream_users(session_of(conn), [BASE], "(objectClass=user)", "mS-DS-ConsistencyGuid", page_size=1)
+    users = {u.sam_account_name: u for u in found}
     assert set(users) == {"anna", "ben"}
     assert users["anna"].source_anchor == guids["anna-consistency"]
     assert users["anna"].object_guid == guids["anna"]
@@ -231,12 +247,10 @@ def test_consistency_guid_anchor_with_fallback(directory: tuple[ldap3.Connection
 
 def test_object_guid_anchor(directory: tuple[ldap3.Connection, dict[str, bytes]]) -> None:
     conn, guids = directory
-    users = {
-        u.sam_account_name: u for u in stream_users(conn, [BASE], "(objectClass=user)", "objectGUID", 10)
-    }
+    found = stream_users(session_of(conn), [BASE], "(objectClass=user)", "objectGUID", 10)
+    users = {u.sam_account_name: u for u in found}
     assert users["anna"].source_anchor == guids["anna"]
     assert users["ben"].user_principal_name == "ben@contoso.com"
-    assert users["ben"].distinguished_name == f"CN=Ben,OU=Sub,{BASE}"
     assert users["ben"].object_sid == "S-1-5-21-1-2-3-1102"
     assert users["ben"].when_created == datetime(2024, 1, 1, 12, tzinfo=UTC).timestamp()
 
@@ -244,8 +258,8 @@ def test_object_guid_anchor(directory: tuple[ldap3.Connection, dict[str, bytes]]
 def test_overlapping_bases_deduplicated(directory: tuple[ldap3.Connection, dict[str, bytes]]) -> None:
     conn, _ = directory
     bases = [BASE, f"OU=Sub,{BASE}", "DC=contoso,DC=com"]
-    sams = [u.sam_account_name for u in stream_users(conn, bases, "(objectClass=user)", "objectGUID", 2)]
-    assert sorted(sams) == ["anna", "ben", "cara"]
+    found = stream_users(session_of(conn), bases, "(objectClass=user)", "objectGUID", 2)
+    assert sorted(u.sam_account_name for u in found) == ["anna", "ben", "cara"]
 
 
 def test_refresh_with_mock_directory(
@@ -255,11 +269,13 @@ def test_refresh_with_mock_directory(
 ) -> None:
     conn, _ = directory
     source = ActiveDirectorySource(config(user_filter="(objectClass=user)", netbios_domain="CONTOSO"))
-    monkeypatch.setattr(source, "build_connection", lambda: conn)
+    monkeypatch.setattr(source, "build_connection", lambda deadline=None: conn)
     with caplog.at_level(logging.WARNING):
         data = source.refresh(None)
-    assert sorted(u.sam_account_name for u in data.users) == ["anna", "ben"]
+    assert sorted(u.sam_account_name for u in users_of(data)) == ["anna", "ben"]
     assert data.netbios_domain == "CONTOSO"
+    assert data.meta["read"] == "full"
+    assert "dc" not in data.meta  # no rootDSE USN here: no incremental state either
     assert "skipped 1 entries" in caplog.text and "CN=Hidden" in caplog.text
     assert conn.closed  # unbound after the refresh
 
@@ -272,30 +288,38 @@ def test_refresh_missing_base_with_mock_directory(
     source = ActiveDirectorySource(
         config(search_bases=(BASE, missing), user_filter="(objectClass=user)", netbios_domain="CONTOSO")
     )
-    monkeypatch.setattr(source, "build_connection", lambda: conn)
+    monkeypatch.setattr(source, "build_connection", lambda deadline=None: conn)
     with pytest.raises(SourceError) as caught:
         source.refresh(None)
     assert caught.value.reason == "data"
     assert missing in caught.value.message
 
 
-def test_secret_never_leaks_from_a_library_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    class Leaky:
-        closed = False
+class Leaky:
+    """A connection whose library message carries the password (as some server messages do)."""
 
-        def open(self) -> None:
-            raise ldap_errors.LDAPException(f"could not bind with password {PASSWORD}")
+    closed = False
 
-        def unbind(self) -> None:
-            self.closed = True
+    def __init__(self, secret: str) -> None:
+        self.secret = secret
 
-    source = ActiveDirectorySource(config())
-    leaky = Leaky()
-    monkeypatch.setattr(source, "build_connection", lambda: leaky)
+    def open(self) -> None:
+        raise ldap_errors.LDAPException(f"could not bind with password {self.secret}")
+
+    def unbind(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("secret", [PASSWORD, "x", "Zq", "p@ss w0rd\\"])
+def test_secret_never_leaks_from_a_library_message(monkeypatch: pytest.MonkeyPatch, secret: str) -> None:
+    # Masked whatever its length (one SecretMask for the whole exporter).
+    source = ActiveDirectorySource(config(bind_password=Secret(secret)))
+    leaky = Leaky(secret)
+    monkeypatch.setattr(source, "build_connection", lambda deadline=None: leaky)
     with pytest.raises(SourceError) as caught:
         source.refresh(None)
-    assert PASSWORD not in caught.value.message
-    assert "<secret>" in caught.value.message
+    assert "password <secret>" in caught.value.message
+    assert caught.value.message.count("<secret>") == 1
     assert leaky.closed
 
 
@@ -523,59 +547,56 @@ def test_bad_port_is_a_configuration_error() -> None:
 
 
 # ------------------------------------------------------------ searches that end without error
-class _EndedEarly:
-    """A bound connection whose paged search yields one page and then a non-error result code."""
+def _one_user_then(result: dict[str, Any]) -> Any:
+    """Search answers of a directory whose user search ends with ``result`` after one entry."""
+    entry = search_entry(
+        f"CN=Anna,{BASE}",
+        {
+            "objectGUID": [guid()],
+            "objectSid": [sid_to_bytes(SID)],
+            "sAMAccountName": [b"anna"],
+            "whenCreated": [b"20240101120000.0Z"],
+        },
+    )
 
-    def __init__(self, result: dict[str, Any]) -> None:
-        self.result = result
-        self.closed = False
-        self.extend = self
-        self.standard = self
+    def answer(request: Request) -> list[bytes]:
+        assert request.operation == SEARCH_REQUEST
+        if request.search_base == "":
+            return [search_done(0)]  # an empty rootDSE: no incremental state
+        return [entry, search_done(result["result"], "", result.get("referrals") or ())]
 
-    def open(self) -> None: ...
-
-    def bind(self) -> None: ...
-
-    def unbind(self) -> None:
-        self.closed = True
-
-    def paged_search(self, **kwargs: Any) -> Iterator[dict[str, Any]]:
-        yield {
-            "type": "searchResEntry",
-            "dn": f"CN=Anna,{BASE}",
-            "raw_attributes": {
-                "objectGUID": [guid()],
-                "objectSid": [sid_to_bytes(SID)],
-                "sAMAccountName": [b"anna"],
-                "whenCreated": [b"20240101120000.0Z"],
-            },
-        }
+    return serve_searches(answer)
 
 
 @pytest.mark.parametrize(
     ("result", "reason", "fragment"),
     [
         (
-            {
-                "result": 10,
-                "description": "referral",
-                "referrals": ["ldap://fabrikam.com/DC=fabrikam,DC=com"],
-            },
+            {"result": 10, "referrals": ["ldap://fabrikam.com/DC=fabrikam,DC=com"]},
             "data",
             "referred to ldap://fabrikam.com/DC=fabrikam,DC=com",
         ),
-        ({"result": 3, "description": "timeLimitExceeded"}, "timeout", "time limit"),
-        ({"result": 4, "description": "sizeLimitExceeded"}, "data", "sizeLimitExceeded"),
+        ({"result": 3}, "timeout", "time limit"),
+        ({"result": 4}, "data", "sizeLimitExceeded"),
     ],
 )
-def test_search_that_ends_early_fails_the_refresh(
-    monkeypatch: pytest.MonkeyPatch, result: dict[str, Any], reason: str, fragment: str
-) -> None:
-    fake = _EndedEarly(result)
-    source = ActiveDirectorySource(config(netbios_domain="CONTOSO"))
-    monkeypatch.setattr(source, "build_connection", lambda: fake)
-    with pytest.raises(SourceError) as caught:
-        source.refresh(None)
+def test_search_that_ends_early_fails_the_refresh(result: dict[str, Any], reason: str, fragment: str) -> None:
+    with fake_ldap(_one_user_then(result)) as server:
+        source = ActiveDirectorySource(
+            config(url=f"ldap://127.0.0.1:{server.port}", netbios_domain="CONTOSO", timeout=5.0)
+        )
+        with pytest.raises(SourceError) as caught:
+            source.refresh(None, deadline=time.monotonic() + 10)
     assert caught.value.reason == reason
     assert fragment in caught.value.message and BASE in caught.value.message
-    assert fake.closed
+
+
+def test_complete_search_from_the_fake_server_is_read() -> None:
+    # The same fake with a successful end: the failures above are about the result code alone.
+    with fake_ldap(_one_user_then({"result": 0})) as server:
+        source = ActiveDirectorySource(
+            config(url=f"ldap://127.0.0.1:{server.port}", netbios_domain="CONTOSO", timeout=5.0)
+        )
+        table = source.refresh(None, deadline=time.monotonic() + 10)
+    assert [user.sam_account_name for user in users_of(table)] == ["anna"]
+    assert table.meta["entries_read"] == 1
