@@ -290,9 +290,14 @@ class StateStore:
         self._written: dict[tuple[int, ...], tuple[Table, str]] = {}
 
     # ------------------------------------------------------------------ load
-    def load(self) -> SavedState:
-        """The persisted state; empty when there is no usable file (the reason is logged)."""
-        self._remove_leftovers()
+    def load(self, *, cleanup: bool = True) -> SavedState:
+        """The persisted state; empty when there is no usable file (the reason is logged).
+
+        With ``cleanup`` (the exporter at start, the only writer) leftovers of a killed write and
+        table files no manifest refers to are removed; other readers pass False.
+        """
+        if cleanup:
+            self._remove_leftovers()
         try:
             text = self.path.read_bytes()
         except FileNotFoundError:
@@ -319,7 +324,8 @@ class StateStore:
                 result.estates[name] = self._load_estate(entry)
             except StateError as exc:
                 log.warning("state file %s: starting estate %s clean: %s", self.path, name, exc)
-        self._remove_unreferenced(manifest)
+        if cleanup:
+            self._remove_unreferenced(manifest)
         return result
 
     def load_first_seen(self, estate: str) -> FirstSeen | None:

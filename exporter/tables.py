@@ -142,6 +142,8 @@ class Table:
         if len(lengths) > 1:
             raise ValueError(f"{type(self).__name__}: columns of different lengths {sorted(lengths)}")
         self._columns = dict(columns)
+        for value in self._columns.values():
+            _freeze(value)
         self.n = lengths.pop() if lengths else 0
         self.meta: dict[str, Any] = dict(meta or {})
         self.children: dict[str, Table] = {
@@ -245,6 +247,17 @@ class Table:
 
 
 _ARRAY_CODES = {"f8": "d", "i8": "q", "i4": "i", "i2": "h", "i1": "b", "bool": "b", "u64": "Q"}
+
+
+def _freeze(value: ColumnValue) -> None:
+    """Columns of an immutable table are read-only (they may be views of a builder's buffers)."""
+    arrays = [value] if isinstance(value, np.ndarray) else []
+    if isinstance(value, Blob):
+        arrays = [value.offsets] + ([value.nulls] if value.nulls is not None else [])
+    elif isinstance(value, Categorical):
+        arrays = [value.codes]
+    for array_ in arrays:
+        array_.flags.writeable = False
 
 
 class TableBuilder:

@@ -45,9 +45,7 @@ def seed_state(path: Path, now: float) -> None:
     records += [
         cm_for(u, in_collection=True, cloud_user_id=e.id) for u, e in zip(users[9:], synced[7:], strict=True)
     ]
-    org = OrganizationData(
-        True, now - 600, (SubscribedSku("sku", "INTUNE_A", "Enabled", "User", 7, 10, 0, 0, 0),), ()
-    )
+    org = OrganizationData(True, now - 600, (SubscribedSku("sku", "INTUNE_A", 7, 10, 0, 0, 0),), ())
     data = {"ad": ad(*users), "entra": entra(*synced), "configmgr": cm(*records), "entra_organization": org}
     engine = Engine(
         Config(estates=(EstateConfig(name="contoso"),)),
@@ -116,14 +114,21 @@ def start(config: Path, port: int) -> subprocess.Popen:
 
 
 def first_scrape(port: int, process: subprocess.Popen, deadline: float = 20.0):
+    """The first scrape once the exporter is ready: it answers at once and is ready as soon as the
+    state file is restored, while every backend is a black hole."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         assert process.poll() is None, process.communicate()[1]
         try:
-            return scrape(port)
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=5) as response:
+                if response.status == 200:
+                    return scrape(port)
+        except urllib.error.HTTPError as error:
+            assert error.code == 503  # serving, still restoring
         except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.05)
-    raise AssertionError("exporter did not serve /metrics")
+            pass
+        time.sleep(0.05)
+    raise AssertionError("exporter did not become ready from its state file")
 
 
 def test_restart_serves_persisted_counts_before_any_backend_answers(tmp_path, black_hole):
@@ -140,7 +145,8 @@ def test_restart_serves_persisted_counts_before_any_backend_answers(tmp_path, bl
         state_store=StateStore(state),
     )
     reference.restore()
-    expected = reference.snapshot().estates[0].view
+    snapshot = reference.snapshot()
+    expected = snapshot.estates[0].evaluation.summary(time.time())
 
     for attempt in range(2):
         port = _free_port()
