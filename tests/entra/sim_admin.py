@@ -10,13 +10,15 @@ simulator holds one tenant.
                             "delete": [id...], "hard_delete": [id...], "restore": [id...]}``
 ``POST /_sim/devices``      ``{"upsert": [device...], "patch": [{"id": ...}...], "delete": [id...]}``
 ``POST /_sim/churn``        ``{"patch": n | "fraction": f, "create": n, "soft_delete": n, "hard_delete": n,
-                            "license_only": n, "devices": n, "seed": s}``: the simulator picks the
-                            users (seeded) and changes a tracked property of each
+                            "license_only": n, "devices": n, "seed": s, "set": {prop: value}}``: the
+                            simulator picks the users (seeded); a patch toggles ``accountEnabled`` and
+                            changes ``displayName``, ``department`` and ``jobTitle`` (or sets "set")
 ``POST /_sim/faults``       one fault: ``{"endpoint", "nth", "kind", ...Fault options}``
 ``DELETE /_sim/faults``     clear every fault
 ``POST /_sim/advance``      ``{"seconds": s}``: move the simulator clock (delta tokens age)
 ``POST /_sim/delta/invalidate``  ``{"status": 400 | 410}``
 ``POST /_sim/throttle``     ``{"enforce": bool, "budget": n, "limit_percentage": {endpoint: value}}``
+``POST /_sim/config``       simulator knobs: ``{"delta_page_size": n, "delta_partial": bool, ...}``
 ==========================  =====================================================================
 """
 
@@ -79,6 +81,8 @@ def handle(sim: GraphSimulator, exchange: Exchange, route: str, body: bytes) -> 
         if key == ("POST", "throttle"):
             _throttle(sim, data)
             return Reply(200, {})
+        if key == ("POST", "config"):
+            return Reply(200, _configure(sim, data))
     except (KeyError, TypeError, ValueError) as error:
         return graph_error(400, "BadRequest", f"{type(error).__name__}: {error}")
     return graph_error(404, "NotFound", f"No admin endpoint {exchange.method} /_sim/{route}.")
@@ -145,7 +149,17 @@ def _churn(sim: GraphSimulator, tenant: SimTenant, data: dict[str, Any]) -> dict
     stamp = rng.randrange(1 << 30)
     done = {"patch": 0, "create": 0, "soft_delete": 0, "hard_delete": 0, "license_only": 0, "devices": 0}
     for user_id in chosen[:patch]:
-        sim.patch_user(tid, user_id, department=f"Dept-{stamp % 97}", jobTitle=f"Role {stamp}")
+        props = data.get("set")
+        if props is None:
+            with sim.lock:
+                current = tenant.directory.get(user_id) or {}
+            props = {
+                "accountEnabled": not current.get("accountEnabled", True),
+                "displayName": f"{current.get('givenName') or 'User'} {stamp}",
+                "department": f"Dept-{stamp % 97}",
+                "jobTitle": f"Role {stamp}",
+            }
+        sim.patch_user(tid, user_id, **props)
         done["patch"] += 1
     rest = chosen[patch:]
     for name in ("soft_delete", "hard_delete", "license_only"):
@@ -164,6 +178,31 @@ def _churn(sim: GraphSimulator, tenant: SimTenant, data: dict[str, Any]) -> dict
         sim.patch_device(tid, device_id, complianceState=rng.choice(sim_synthetic.COMPLIANCE_STATES))
         done["devices"] += 1
     return {**done, "version": tenant.directory.version, "users": len(tenant.directory)}
+
+
+CONFIGURABLE = frozenset(
+    {
+        "token_lifetime",
+        "subscriptions_page_size",
+        "devices_page_size",
+        "delta_page_size",
+        "delta_token_lifetime",
+        "delta_expired_status",
+        "delta_partial",
+        "delta_replay",
+        "delta_duplicates",
+    }
+)
+
+
+def _configure(sim: GraphSimulator, data: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(data) - CONFIGURABLE
+    if unknown:
+        raise KeyError(f"not configurable: {sorted(unknown)}")
+    with sim.lock:
+        for name, value in data.items():
+            setattr(sim, name, type(getattr(sim, name))(value))
+        return {name: getattr(sim, name) for name in sorted(CONFIGURABLE)}
 
 
 def _throttle(sim: GraphSimulator, data: dict[str, Any]) -> None:

@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     tenant, secret = build_tenant(args)
     sim = GraphSimulator(ca, port=args.port)
     sim.log = deque(maxlen=args.log_limit)
+    sim.delta_page_size = args.delta_page_size
+    sim.devices_page_size = args.devices_page_size
     sim.add_tenant(tenant)
     sim.start()
     client_id = next(iter(tenant.apps))
@@ -99,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--client-secret", default=tenant_data.CLIENT_SECRET)
     serve.add_argument("--permissions", default=",".join(DEFAULT_PERMISSIONS), help="comma-separated")
     serve.add_argument("--log-limit", type=int, default=10_000, help="requests kept in the request log")
+    serve.add_argument("--delta-page-size", type=int, default=200, help="users per users/delta page")
+    serve.add_argument("--devices-page-size", type=int, default=1000, help="managed devices per page")
     return parser
 
 

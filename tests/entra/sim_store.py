@@ -16,7 +16,6 @@ taken before can tell.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import json
 import zlib
 from collections.abc import Iterable, Iterator, Mapping
@@ -42,7 +41,7 @@ class RecordStore:
         self._column_of: dict[str, int] = {}
         self._rows: list[bytes | None] = []
         self._slot_of: dict[str, int] = {}
-        self._indexes: dict[str, dict[Any, set[str]]] = {}
+        self._indexes: dict[str, dict[Any, str | set[str]]] = {}
         self._zdict: bytes | None = None
         self.layout = 0
         for record in records:
@@ -111,45 +110,58 @@ class RecordStore:
         return found, (slot if slot < end else None)
 
     # ------------------------------------------------------------------ indexes
+    # An index maps a value to the one id that has it (a str) or, when several do, to a set of ids: a
+    # set per entry would cost ~200 bytes, for 500,000 mostly unique values ~100 MB.
     def lookup(self, prop: str, value: Any) -> set[str]:
         """Ids of the records whose `prop` equals `value` (strings compared case-insensitively)."""
-        return set(self._index(prop).get(index_key(value), ()))
+        if prop == "id":  # ids are the store's keys; Graph's are lower-case GUIDs
+            return {key for key in {value, index_key(value)} if isinstance(key, str) and key in self._slot_of}
+        try:
+            found = self._index(prop).get(index_key(value))
+        except TypeError:
+            return set()
+        return set() if found is None else ({found} if isinstance(found, str) else set(found))
 
-    def index_keys(self, prop: str) -> Iterable[Any]:
-        return self._index(prop).keys()
-
-    def _index(self, prop: str) -> dict[Any, set[str]]:
+    def _index(self, prop: str) -> dict[Any, str | set[str]]:
         index = self._indexes.get(prop)
         if index is None:
             index = {}
-            for record_id, slot in self._slot_of.items():
-                self._index_add(index, record_id, self._value(slot, prop))
+            column = self._column_of.get(prop)
+            if column is not None:
+                for record_id, slot in self._slot_of.items():
+                    values = json.loads(self._unpack(self._rows[slot] or b"[]"))
+                    self._index_add(index, record_id, values[column] if column < len(values) else None)
             self._indexes[prop] = index
         return index
 
-    def _value(self, slot: int, prop: str) -> Any:
-        column = self._column_of.get(prop)
-        if column is None:
-            return None
-        values = json.loads(self._unpack(self._rows[slot] or b"[]"))
-        return values[column] if column < len(values) else None
-
     @staticmethod
-    def _index_add(index: dict[Any, set[str]], record_id: str, value: Any) -> None:
-        key = index_key(value)
-        with contextlib.suppress(TypeError):  # lists and objects are not indexed
-            index.setdefault(key, set()).add(record_id)
-
-    @staticmethod
-    def _index_remove(index: dict[Any, set[str]], record_id: str, value: Any) -> None:
+    def _index_add(index: dict[Any, str | set[str]], record_id: str, value: Any) -> None:
         try:
-            ids = index.get(index_key(value))
+            key = index_key(value)
+            found = index.get(key)
+        except TypeError:  # lists and objects are not indexed
+            return
+        if found is None:
+            index[key] = record_id
+        elif isinstance(found, str):
+            if found != record_id:
+                index[key] = {found, record_id}
+        else:
+            found.add(record_id)
+
+    @staticmethod
+    def _index_remove(index: dict[Any, str | set[str]], record_id: str, value: Any) -> None:
+        try:
+            key = index_key(value)
+            found = index.get(key)
         except TypeError:
             return
-        if ids is not None:
-            ids.discard(record_id)
-            if not ids:
-                del index[index_key(value)]
+        if found == record_id:
+            del index[key]
+        elif isinstance(found, set):
+            found.discard(record_id)
+            if len(found) == 1:
+                index[key] = next(iter(found))
 
     def _reindex(self, record_id: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> None:
         for prop, index in self._indexes.items():

@@ -939,3 +939,10 @@ def test_admin_endpoints_answer_only_what_they_know(tmp_path: Path) -> None:
         bad = http.post(f"{base}/_sim/users", json={"patch": [{"id": "no-such-user", "x": 1}]}, timeout=10)
         assert bad.status_code == 400
         assert http.post(f"{base}/_sim/users", data=b"{not json", timeout=10).status_code == 400
+        config = http.post(
+            f"{base}/_sim/config", json={"delta_page_size": 7, "delta_partial": True}, timeout=10
+        )
+        assert config.json()["delta_page_size"] == 7 and config.json()["delta_partial"] is True
+        assert http.post(f"{base}/_sim/config", json={"_lock": 1}, timeout=10).status_code == 400
+        headers = _standalone_token(info, http)
+        assert len(_get(http, f"{base}/v1.0/users/delta", headers).json()["value"]) == 7
