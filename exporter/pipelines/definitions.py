@@ -100,7 +100,7 @@ HYBRID_MDM = PipelineDefinition(
         Reason(
             "entra_synced",
             "configmgr_discovery_unhealthy",
-            "AD User Discovery (SMS_AD_USER_DISCOVERY_AGENT) is critical: fix it (adsysdis.log).",
+            "AD User Discovery (SMS_AD_USER_DISCOVERY_AGENT) is critical: fix it (adusrdis.log).",
         ),
         Reason(
             "entra_synced",
