@@ -29,7 +29,9 @@ log = logging.getLogger("exporter")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 
-class _ArgumentParser(argparse.ArgumentParser):
+class ArgumentParser(argparse.ArgumentParser):
+    """Bad arguments exit 2 (the exporter convention), with the usage and the problem on stderr."""
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -37,7 +39,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = ArgumentParser(
         prog="intune-provisioning-exporter",
         description="Prometheus exporter for the hybrid AD -> Entra ID -> ConfigMgr -> Intune provisioning "
         "pipeline and Microsoft 365 license usage.",

@@ -36,15 +36,10 @@ EXIT_ENABLED, EXIT_NOT_ENABLED, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
 LOOKUP_TIMEOUT = 60.0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    from exporter.cli import ArgumentParser
+
+    parser = ArgumentParser(
         prog="intune-provisioning-exporter trace",
         description="Explain where one user is in its provisioning pipeline, why, and what to do. "
         "USER is a UPN, a sAMAccountName, DOMAIN\\sam, an objectGUID or an Entra object id.",
