@@ -203,7 +203,8 @@ def test_same_seed_and_clock_give_the_same_metrics_whatever_the_wall_clock(
     assert render(again.snapshot) == render(demo.snapshot)
     other_seed = HybridEstate(CONTOSO, lambda: START, "demo-1")
     assert (
-        other_seed.read_ad().array("k_guid").tolist() != demo.snapshot.estates[0].ad.array("k_guid").tolist()
+        other_seed.read_ad().array("k_guid").tolist()
+        != demo.estates["contoso"].read_ad().array("k_guid").tolist()
     )
 
 
