@@ -28,7 +28,7 @@ def serve():
 
     def start(engine, web_config=None, user_label="upn"):
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(ExporterCollector(engine.snapshot, default_collectors(user_label, 25)))
+        registry.register(ExporterCollector(engine.snapshot, default_collectors(25)))
         app = build_app(registry, engine.snapshot, user_label)
         server = ExporterHTTPServer(("127.0.0.1", 0), app, web_config or load_web_config(None))
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -65,9 +65,7 @@ def test_endpoints(serve):
     assert get(base + "/nope")[0] == 404
     status, _, page = get(base + "/")
     assert status == 200 and b'href="metrics"' in page and b"fake configmgr" in page
-    assert (
-        b"<h2>Pipeline: contoso</h2>" in page and b"<tr><td>ad_created</td><td>5</td><td>5</td></tr>" in page
-    )
+    assert b"contoso" in page  # what the page shows is tested with pages.py
 
 
 def test_ready_only_once_every_source_has_data(serve):
