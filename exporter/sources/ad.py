@@ -72,6 +72,7 @@ log = logging.getLogger(__name__)
 META_ENTRIES_READ = "entries_read"
 META_EMPTY_BASES = "empty_bases"
 META_WARNING = "warning"
+_AT_DEADLINE = 0.1  # seconds: a call that timed out this close to the deadline timed out because of it
 
 
 def discover_netbios_domain(session: LdapSession, root: RootDse) -> str:
@@ -214,7 +215,12 @@ class ActiveDirectorySource:
         if isinstance(exc, IncompleteSearch):
             return ad_errors.incomplete_search(exc, endpoint)
         if isinstance(exc, ldap_errors.LDAPException | OSError):
-            return classify(exc, endpoint, bind_user, activity)
+            error = classify(exc, endpoint, bind_user, activity)
+            left = session.time_left() if session is not None else None
+            if error.reason == "timeout" and left is not None and left <= _AT_DEADLINE:
+                # A per-call timeout that ran out with the operation's time: say so plainly.
+                return ad_errors.deadline_error(DeadlineReached(activity), endpoint)
+            return error
         if isinstance(exc, ValueError):  # UnicodeDecodeError included
             return SourceError("data", f"unexpected data from {endpoint}: {exc}")
         return None

@@ -88,6 +88,7 @@ def _detail(exc: BaseException) -> str:
     ):
         text = text.replace(prefix, "")
     text = re.sub(r"\s*\(_ssl\.c:\d+\)", "", text)  # OpenSSL's source location: noise for operators
+    text = re.sub(r"^_ssl\.c:\d+:\s*", "", text)
     return text or type(exc).__name__
 
 
