@@ -206,8 +206,8 @@ def _serve(sim: GraphSimulator, exchange: Exchange, tenant: SimTenant, round_: D
     select = round_.state.select
     total = _entry_count(store, round_)
     end = min(round_.position + size, total)
-    value = [_entry(store, round_, index, select, minimal) for index in range(round_.position, end)]
-    value = [item for item in value if item is not None]
+    entries = (_entry(store, round_, index, select, minimal) for index in range(round_.position, end))
+    value = [item for item in entries if item is not None]
     headers = {"Preference-Applied": applied} if applied else {}
     if end < total:
         following = replace(round_, position=end)
@@ -247,6 +247,7 @@ def _entry(
         changes = round_.changes
         change = changes[index] if index < len(changes) else changes[index - len(changes)]
         return _render_change(store, change, select, minimal)
+    slot: int | None
     if round_.slots is not None:
         slots = round_.slots
         slot = slots[index] if index < len(slots) else slots[index - len(slots)]

@@ -8,22 +8,25 @@ newer per-operator version of that table). D = works by default, A = needs advan
 ``ne``/``not`` on every property that has ``eq``, need advanced mode; ``in`` works by default wherever ``eq``
 does (rules stated on the same page). The properties the exporter cares about:
 
-======================================  ===  ===  ==========  ========  ======  ===========
-property                                eq   in   startsWith  ge / le   null    endsWith
-======================================  ===  ===  ==========  ========  ======  ===========
-id                                      D    D    -           -         -       -
-userPrincipalName                       D    D    D           - / D     -       A
-mail                                    D    D    D           D / D     -       A
-onPremisesSecurityIdentifier            D    D    -           -         A       -
-onPremisesImmutableId                   A    A    -           A / A     -       -
-onPremisesSamAccountName                A    A    A           A / A     -       -
-onPremisesSyncEnabled                   D    D    -           A / A     -       -
-onPremisesLastSyncDateTime              A    A    -           A / A     -       -
-accountEnabled                          D    D    -           A / A     -       -
-usageLocation                           D    D    D           D / D     -       -
-createdDateTime                         D    A    -           D / D     -       -
-displayName, givenName, surname         D    D    D           (- / -, D / D, D / D)  A
-======================================  ===  ===  ==========  ========  ======  ===========
+================================  ====  ====  ==========  =======  =======  ========  ==========
+property                          eq    in    startsWith  ge, le   eq null  endsWith  ne, not
+================================  ====  ====  ==========  =======  =======  ========  ==========
+id                                D     D     -           -        -        -         A
+userPrincipalName                 D     D     D           -, D     -        A         A
+mail                              D     D     D           D, D     -        A         A
+onPremisesSecurityIdentifier      D     D     -           -        A        -         A
+onPremisesImmutableId             A     A     -           A, A     -        -         A
+onPremisesSamAccountName          A     A     A           A, A     -        -         A
+onPremisesSyncEnabled             D     D     -           A, A     -        -         A
+onPremisesLastSyncDateTime        A     A     -           A, A     -        -         A
+accountEnabled                    D     D     -           A, A     -        -         A
+usageLocation                     D     D     D           D, D     -        -         A
+createdDateTime                   D     A     -           D, D     -        -         A
+displayName                       D     D     D           -        A        -         A
+givenName, surname, department    D     D     D           D, D     A        -         A
+assignedLicenses (any, skuId)     D     -     -           -        -        -         A (not)
+licenseAssignmentStates           -     -     -           -        -        -         -
+================================  ====  ====  ==========  =======  =======  ========  ==========
 
 Real Graph was observed to answer ``onPremisesSamAccountName eq 'x'`` without the advanced parameters with
 400 ``Request_UnsupportedQuery`` "Unsupported or invalid query filter clause specified for property

@@ -132,7 +132,7 @@ def list_users(sim: GraphSimulator, exchange: Exchange, tenant: SimTenant) -> Re
         except sim_filter.FilterError as error:
             return graph_error(error.status, error.code, error.message)
     count = (len(store) if slots is None else len(slots)) if advanced else None
-    link = {name: query[name] for name in ("$select", "$filter", "$count") if name in query}
+    link: dict[str, str] = {name: query[name] for name in ("$select", "$filter", "$count") if name in query}
     link["$top"] = top_text
     fields = select or DEFAULT_USER_PROPERTIES
     cursor = ListCursor(tenant.tenant_id, "users", fields, int(top_text), 0, slots, store.layout, count, link)
@@ -245,7 +245,7 @@ def list_devices(sim: GraphSimulator, exchange: Exchange, tenant: SimTenant) -> 
         except sim_filter.FilterError as error:
             return intune_error(400, "BadRequest", error.message, path)
         slots = matching_slots(store, node)
-    link = {name: query[name] for name in ("$select", "$filter", "$top") if name in query}
+    link: dict[str, str] = {name: query[name] for name in ("$select", "$filter", "$top") if name in query}
     top = min(int(top_text), sim.devices_page_size)
     cursor = ListCursor(tenant.tenant_id, "managedDevices", select, top, 0, slots, store.layout, None, link)
     return listing_page(sim, exchange, store, cursor, path)

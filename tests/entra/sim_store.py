@@ -43,6 +43,7 @@ class RecordStore:
         self._slot_of: dict[str, int] = {}
         self._indexes: dict[str, dict[Any, str | set[str]]] = {}
         self._zdict: bytes | None = None
+        self._packer: Any = None  # a zlib compressor primed with the dictionary
         self.layout = 0
         for record in records:
             self._append(record)
@@ -180,9 +181,9 @@ class RecordStore:
         return _ENCODER.encode(values).encode("utf-8")
 
     def _pack(self, plain: bytes) -> bytes:
-        if self._zdict is None:
+        if self._packer is None:
             return plain
-        packer = zlib.compressobj(6, zlib.DEFLATED, _WBITS, 6, zlib.Z_DEFAULT_STRATEGY, self._zdict)
+        packer = self._packer.copy()  # copying a primed compressor beats loading the dictionary anew
         return _PACKED + packer.compress(plain) + packer.flush()
 
     def _unpack(self, row: bytes) -> bytes:
@@ -236,6 +237,9 @@ class RecordStore:
             sample = [row for row in self._rows[:_DICTIONARY_AFTER] if row is not None]
             if len(sample) >= _DICTIONARY_AFTER // 2:
                 self._zdict = b"".join(sample[: _DICTIONARY_AFTER // 2])[-(1 << -_WBITS) :]
+                self._packer = zlib.compressobj(
+                    1, zlib.DEFLATED, _WBITS, 3, zlib.Z_DEFAULT_STRATEGY, self._zdict
+                )
 
 
 @dataclass(frozen=True)

@@ -87,15 +87,15 @@ class ThrottleModel:
     """
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.resource_unit_headers: dict[str, bool] = {name: True for name in IDENTITY_ENDPOINTS}
         self.limit_percentage: dict[str, float] = {}
         self.enforce = False
         self.budget: int | None = None
         self.intune_budget = INTUNE_REQUEST_BUDGET
         self._windows: dict[tuple[str, str, str], _Window] = {}
-
-    def reset(self) -> None:
-        self.__init__()  # type: ignore[misc]
 
     def meter(
         self,

@@ -72,11 +72,15 @@ def graph_user(
     licenseAssignmentStates default to one active, direct state per assigned licence.
     """
     name = f"user{index:05d}"
-    assigned = licenses if licenses is not None else [{"disabledPlans": [], "skuId": INTUNE_A_SKU}]
+    assigned: list[dict[str, Any]] = (
+        licenses if licenses is not None else [{"disabledPlans": [], "skuId": INTUNE_A_SKU}]
+    )
     states = (
         license_states
         if license_states is not None
-        else [license_state(lic["skuId"], disabled=tuple(lic.get("disabledPlans", ()))) for lic in assigned]
+        else [
+            license_state(str(lic["skuId"]), disabled=tuple(lic.get("disabledPlans", ()))) for lic in assigned
+        ]
     )
     return {
         "id": user_id(index),
