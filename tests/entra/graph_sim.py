@@ -228,6 +228,8 @@ class GraphSimulator:
             self._clock_offset = 0.0
             self._set_defaults()
         self.clear_faults()
+        if self._paused.is_set() and not self._stop.is_set():  # a test that paused and failed
+            self.resume()
 
     def add_tenant(self, tenant: SimTenant) -> SimTenant:
         with self._lock:
