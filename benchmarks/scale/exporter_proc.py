@@ -136,6 +136,7 @@ class ExporterProcess:
             capture_output=True,
             text=True,
             env=self.env,
+            cwd=self.config.parent,
         )
         return result.returncode, (result.stdout + result.stderr).strip()
 
@@ -155,6 +156,9 @@ class ExporterProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
+            # Not the checkout: `python -m` puts the working directory first on sys.path, which
+            # would shadow the exporter tree under test (--exporter-src/--exporter-rev).
+            cwd=self.config.parent,
         )
         log.close()
         return self.started_at

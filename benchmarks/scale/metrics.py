@@ -88,6 +88,7 @@ class CheckResult:
     checked: int = 0
     mismatches: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    after_seconds: float = 0.0  # how long after the event the counts matched (the evaluation lag)
 
     @property
     def ok(self) -> bool:
@@ -102,7 +103,8 @@ class CheckResult:
 
     def summary(self) -> str:
         if self.ok:
-            return f"{self.label}: OK ({self.checked} values exact)"
+            lag = f", matched after {self.after_seconds:.1f}s" if self.after_seconds >= 0.05 else ""
+            return f"{self.label}: OK ({self.checked} values exact{lag})"
         return f"{self.label}: {len(self.mismatches)} of {self.checked} values differ"
 
 

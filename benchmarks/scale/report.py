@@ -114,9 +114,9 @@ def render(results: Results) -> list[str]:
     phases = r.phases
     if "start" in phases:
         first = phases["first_refresh"]
-        if "stage_metrics_seconds" in phases["start"]:
-            seconds = phases["start"]["stage_metrics_seconds"]
-            lines.append(f"stage metrics first exported after {seconds:.1f}s")
+        if "counts_exact_seconds" in phases["start"]:
+            seconds = phases["start"]["counts_exact_seconds"]
+            lines.append(f"stage counts exact only {seconds:.1f}s after the start (after ready)")
         lines += [
             f"start: HTTP answers after {phases['start']['http_seconds']:.2f}s, "
             f"/-/ready after {phases['start']['ready_seconds']:.1f}s "

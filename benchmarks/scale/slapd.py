@@ -9,10 +9,12 @@ whenCreated is a generalized time; objectCategory is a DN; ``user`` and ``comput
 classes below organizationalPerson, as in AD.
 
 AD's incremental read needs ``uSNChanged`` (an integer with ORDERING, so ``(uSNChanged>=N)``
-works, set on every entry) and the rootDSE attributes ``highestCommittedUSN``, ``dsServiceName``
-and ``invocationId``. slapd serves extra rootDSE attributes from the LDIF file named by its
-``rootDSE`` directive, read at start: :meth:`SlapdServer.publish_usn` rewrites it and restarts
-slapd. slapd runs with the ``stats`` log level, whose ``SEARCH RESULT ... nentries=N`` lines tell
+works, set on every entry), the rootDSE attributes ``highestCommittedUSN`` and ``dsServiceName``,
+and the ``invocationId`` of the DC's NTDS Settings object that ``dsServiceName`` names (AD keeps it
+there, not in the rootDSE: the object exists here too, under CN=Configuration, with a new
+invocationId per load, as after a restore). slapd serves extra rootDSE attributes from the LDIF
+file named by its ``rootDSE`` directive, read at start: :meth:`SlapdServer.publish_usn` rewrites it
+and restarts slapd. slapd runs with the ``stats`` log level, whose ``SEARCH RESULT ... nentries=N`` lines tell
 how many entries each search returned (:meth:`SlapdServer.entries_returned`).
 """
 
@@ -77,6 +79,7 @@ attributetype ( 1.2.840.113556.1.2.115 NAME 'invocationId' {_OCTETS} )
 attributetype ( 1.3.6.1.4.1.4203.666.11.10.1 NAME 'highestCommittedUSN' {_INTEGER} )
 attributetype ( 1.3.6.1.4.1.4203.666.11.10.2 NAME 'dsServiceName' {_DN} )
 attributetype ( 1.3.6.1.4.1.4203.666.11.10.3 NAME 'defaultNamingContext' {_DN} )
+attributetype ( 1.3.6.1.4.1.4203.666.11.10.4 NAME 'configurationNamingContext' {_DN} )
 objectclass ( 1.3.6.1.4.1.4203.666.11.10.100 NAME 'adTopAux' DESC 'what AD keeps on every object'
     AUXILIARY MAY ( objectGUID $ uSNCreated $ uSNChanged $ whenCreated $ whenChanged $ objectCategory ) )
 objectclass ( 1.2.840.113556.1.5.9 NAME 'user' SUP organizationalPerson STRUCTURAL
@@ -84,6 +87,10 @@ objectclass ( 1.2.840.113556.1.5.9 NAME 'user' SUP organizationalPerson STRUCTUR
     MAY ( userPrincipalName $ userAccountControl $ whenCreated $ whenChanged $ objectCategory $
           uSNCreated $ uSNChanged $ mS-DS-ConsistencyGuid $ givenName $ mail ) )
 objectclass ( 1.2.840.113556.1.3.30 NAME 'computer' SUP user STRUCTURAL )
+objectclass ( 1.2.840.113556.1.3.23 NAME 'container' SUP top STRUCTURAL MUST cn
+    MAY ( objectGUID $ uSNCreated $ uSNChanged $ whenCreated $ whenChanged $ objectCategory ) )
+objectclass ( 1.2.840.113556.1.5.7000.47 NAME 'nTDSDSA' SUP top STRUCTURAL MUST cn
+    MAY ( invocationId $ objectGUID $ uSNCreated $ uSNChanged $ whenCreated $ whenChanged $ objectCategory ) )
 """
 _NENTRIES = re.compile(rb" SEARCH RESULT .*?nentries=(\d+)")
 
@@ -143,10 +150,12 @@ class SlapdServer:
         self._write_tls()
         (self.root / "ad-scale.schema").write_text(SCHEMA)
         self.conf.write_text(self._config())
-        service = self.root / "service.ldif"
-        service.write_text(self._service_entry(highest_usn + 1))
         # A new invocationId per load: a restored or rebuilt DC is another database for AD clients.
-        self.identity = DirectoryIdentity(highest_usn + 1, uuid.uuid4().bytes_le)
+        self.identity = DirectoryIdentity(highest_usn, uuid.uuid4().bytes_le)
+        configuration, usn = self._configuration_entries(highest_usn)
+        self.identity.highest_usn = usn + 1
+        service = self.root / "service.ldif"
+        service.write_text(configuration + self._service_entry(usn + 1))
         self._write_rootdse()
         for ldif in (*ldif_files, service):
             started = time.monotonic()
@@ -202,6 +211,23 @@ index userPrincipalName eq
 index objectGUID eq
 """
 
+    def _configuration_entries(self, usn: int) -> tuple[str, int]:
+        """LDIF of CN=Configuration down to the DC's NTDS Settings object (with its invocationId),
+        and the last USN used."""
+        parts = DS_SERVICE_NAME.split(",")
+        entries = []
+        for depth in range(len(parts) - len(DOMAIN_DN.split(",")) - 1, -1, -1):
+            dn = ",".join(parts[depth:])
+            cn = parts[depth][3:]
+            usn += 1
+            ntds = depth == 0
+            extra = f"invocationId:: {b64(self.identity.invocation_id)}\n" if ntds else ""
+            entries.append(
+                f"dn: {dn}\nobjectClass: top\nobjectClass: {'nTDSDSA' if ntds else 'container'}\ncn: {cn}\n"
+                f"{extra}objectGUID:: {b64(uuid.uuid4().bytes_le)}\nuSNCreated: {usn}\nuSNChanged: {usn}\n\n"
+            )
+        return "".join(entries), usn
+
     def _service_entry(self, usn: int) -> str:
         """The exporter's bind account, outside the search base."""
         return (
@@ -217,9 +243,9 @@ index objectGUID eq
         self.rootdse.write_text(
             "dn:\n"
             f"defaultNamingContext: {DOMAIN_DN}\n"
+            f"configurationNamingContext: CN=Configuration,{DOMAIN_DN}\n"
             f"dsServiceName: {DS_SERVICE_NAME}\n"
             f"highestCommittedUSN: {self.identity.highest_usn}\n"
-            f"invocationId:: {b64(self.identity.invocation_id)}\n"
         )
 
     # ---------------------------------------------------------------------------- process
