@@ -10,6 +10,16 @@ from exporter.sources.base import ConfigurationError, Source
 log = logging.getLogger(__name__)
 
 
+def reads_devices(estate: EstateConfig) -> bool:
+    """Whether the estate's Intune managed devices are read: ``entra.devices`` when set, else only
+    for the ``cloud`` pipeline (whose chain needs them)."""
+    if estate.entra is None:
+        return False
+    if estate.entra.devices is not None:
+        return bool(estate.entra.devices)
+    return estate.pipeline == "cloud"
+
+
 def build_estate_sources(estate: EstateConfig) -> list[Source]:
     # Each client module is imported only when its section is configured, so an estate without
     # ConfigMgr never touches pyodbc and one without AD never imports ldap3.
@@ -19,9 +29,17 @@ def build_estate_sources(estate: EstateConfig) -> list[Source]:
 
         sources.append(ActiveDirectorySource(estate.active_directory))
     if estate.entra is not None:
-        from exporter.sources.entra import build_entra_sources
+        from exporter.sources.entra import DEFAULT_LICENSE_REFRESH_INTERVAL, build_entra_sources
 
-        sources.extend(build_entra_sources(estate.entra))
+        # A config key of its own may come; until then the source's default applies.
+        interval = getattr(estate.entra, "license_refresh_interval", None)
+        sources.extend(
+            build_entra_sources(
+                estate.entra,
+                devices=reads_devices(estate),
+                license_refresh_interval=DEFAULT_LICENSE_REFRESH_INTERVAL if interval is None else interval,
+            )
+        )
     if estate.configmgr is not None:
         from exporter.sources.configmgr import ConfigMgrSource
 

@@ -1,27 +1,38 @@
-"""The Microsoft Graph client shared by the Entra sources of one estate.
+"""The Microsoft Graph client shared by the Graph sources of one estate (users, organization, devices).
 
 One :class:`GraphClient` per tenant holds one msal ``ConfidentialClientApplication`` (so the app
-token is cached and renewed by msal) and one ``requests.Session`` used both by msal and for the
-Graph calls. The two Entra sources (users, organization) may refresh at the same time from
-different threads: token acquisition is serialised with a lock, statistics with another, and
-everything a refresh needs to remember (its retry budget) lives in a :class:`RetryBudget` owned by
-that refresh.
+token is cached and renewed by msal), the request statistics and the secret mask. Each source opens
+a :class:`GraphSession` of its own: its own ``requests.Session`` whose sockets can be cut from
+another thread, so that aborting one source (at its refresh deadline) never breaks another source's
+request in flight. Token requests go over the session of the refresh that asks for the token.
 
 Resilience is per request, so that a failed page is retried on its own URL and paging never starts
 over: 429 (and 503 with Retry-After) wait as told, other 5xx and connection failures back off
 exponentially for a few attempts, a 401 renews the token once. Every wait of one refresh is taken
-from its budget (``EntraConfig.max_retry_wait``); when the next wait would exceed it the refresh
-fails instead of sleeping.
+from its :class:`RetryBudget` (``EntraConfig.max_retry_wait``) and must end before the refresh
+deadline; when the next wait would not, the refresh fails at once with the error that caused the
+retry ("connection refused after 3 attempts"), not with a timeout.
+
+Deadlines: requests' ``timeout`` applies to each socket read, so a server that trickles a byte a
+second never times out. Each refresh therefore runs under :meth:`GraphSession.scope`, which cuts
+the session's sockets when the deadline passes (and ``abort()`` does the same from the engine's
+thread); a blocked read then returns at once, the refresh fails with reason ``timeout`` and the
+next refresh opens new connections.
 """
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
+import json
 import logging
+import math
 import re
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,19 +40,35 @@ from urllib.parse import urlsplit
 
 import msal
 import requests
+import requests.adapters
 import requests.utils
 
 from exporter.config import EntraConfig
-from exporter.model import HttpStats
+from exporter.model import ErrorReason, HttpStats
+from exporter.secrets import SecretMask
 from exporter.sources.base import ConfigurationError, SourceError
 
 log = logging.getLogger(__name__)
 
-Endpoint = Literal["users", "organization", "subscribedSkus", "subscriptions", "token"]
+Endpoint = Literal[
+    "users",
+    "usersDelta",
+    "usersCount",
+    "group",
+    "managedDevices",
+    "organization",
+    "subscribedSkus",
+    "subscriptions",
+    "token",
+]
 
 # The least-privileged application permission each read needs; named in 403 messages.
 REQUIRED_PERMISSION: dict[Endpoint, str] = {
     "users": "User.Read.All",
+    "usersDelta": "User.Read.All",
+    "usersCount": "User.Read.All",
+    "group": "GroupMember.Read.All",
+    "managedDevices": "DeviceManagementManagedDevices.Read.All",
     "organization": "Organization.Read.All",
     "subscribedSkus": "Organization.Read.All",
     "subscriptions": "Organization.Read.All",
@@ -78,6 +105,20 @@ _AADSTS_HINTS = {
     "1002012": "the requested scope is invalid (check graph_url)",
 }
 _RETRYABLE_TOKEN_ERRORS = {"temporarily_unavailable", "server_error"}
+# Never give one request less than this: a socket timeout of 0 would mean "non-blocking".
+_MIN_REQUEST_TIMEOUT = 0.05
+
+
+class GraphError(SourceError):
+    """A failed Graph request, with the HTTP status and Graph error code when there was an answer
+    (callers fall back on some of them, e.g. an expired delta token or an unsupported filter)."""
+
+    def __init__(
+        self, reason: ErrorReason, message: str, *, status: int | None = None, code: str = ""
+    ) -> None:
+        super().__init__(reason, message)
+        self.status = status
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -91,40 +132,184 @@ class RetryPolicy:
 
 
 class RetryBudget:
-    """The waiting one refresh may still do before it gives up (EntraConfig.max_retry_wait).
+    """What one refresh may still spend: retry waiting (max_retry_wait) and time (its deadline).
 
     Owned by a single refresh (one thread), shared by all of that refresh's requests.
     """
 
-    def __init__(self, limit: float) -> None:
+    def __init__(
+        self, limit: float, *, deadline: float | None = None, session: GraphSession | None = None
+    ) -> None:
         self.limit = limit
         self.spent = 0.0
+        self.deadline = deadline
+        self.session = session
 
     def allows(self, delay: float) -> bool:
+        """The wait fits into max_retry_wait."""
         return self.spent + delay <= self.limit + 1e-9
 
+    def remaining(self) -> float:
+        """Seconds until the refresh deadline (infinite without one)."""
+        return math.inf if self.deadline is None else self.deadline - time.monotonic()
 
+    def fits(self, delay: float) -> bool:
+        """The wait ends before the refresh deadline (with a moment left for the retry itself)."""
+        return delay + _MIN_REQUEST_TIMEOUT < self.remaining()
+
+
+# ---------------------------------------------------------------------------- sessions
+class _CuttableAdapter(requests.adapters.HTTPAdapter):
+    """An HTTPAdapter that remembers the connections it opens, so that their sockets can be shut
+    down from another thread (which makes a read blocked on them return at once)."""
+
+    def __init__(self) -> None:
+        self._connections: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._connections_lock = threading.Lock()
+        self._pool_classes: dict[type, type] = {}
+        super().__init__(pool_maxsize=4, max_retries=0)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self._track(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        self._track(manager)
+        return manager
+
+    def cut(self) -> None:
+        with self._connections_lock:
+            connections = list(self._connections)
+        for connection in connections:
+            sock = getattr(connection, "sock", None)
+            sock = getattr(sock, "socket", sock)  # TLS-in-TLS (HTTPS proxy) wraps the socket
+            if isinstance(sock, socket.socket):
+                # The plain socket's shutdown: SSLSocket.shutdown would also drop its SSL object
+                # under the feet of the thread that is reading from it.
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def _track(self, manager: Any) -> None:
+        if getattr(manager, "_cuttable", False):
+            return
+        manager.pool_classes_by_scheme = {
+            scheme: self._tracking_pool(pool_class)
+            for scheme, pool_class in manager.pool_classes_by_scheme.items()
+        }
+        manager._cuttable = True
+
+    def _tracking_pool(self, base: type) -> type:
+        if base not in self._pool_classes:
+            register = self._register
+
+            def new_conn(pool: Any) -> Any:
+                connection = base._new_conn(pool)  # type: ignore[attr-defined]
+                register(connection)
+                return connection
+
+            self._pool_classes[base] = type(f"Cuttable{base.__name__}", (base,), {"_new_conn": new_conn})
+        return self._pool_classes[base]
+
+    def _register(self, connection: Any) -> None:
+        with self._connections_lock:
+            self._connections.add(connection)
+
+
+class GraphSession:
+    """The HTTP connections of one source, and whether its refresh in progress was cut off.
+
+    ``interrupted`` is None while requests may run, else why they may not: ``"deadline"`` (the
+    refresh's deadline passed), ``"aborted"`` (``abort()`` from the engine) or ``"closed"``
+    (for good). A new refresh (:meth:`scope`) starts with fresh connections and clears the first two.
+    """
+
+    def __init__(self, ca_file: str | None) -> None:
+        self._adapter = _CuttableAdapter()
+        self.http = requests.Session()
+        # Without this, REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the environment replace `verify`.
+        self.http.trust_env = False
+        self.http.verify = ca_file if ca_file else True
+        self.http.mount("https://", self._adapter)
+        self.http.mount("http://", self._adapter)
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._why: str | None = None
+        self._timer: threading.Timer | None = None
+
+    @property
+    def interrupted(self) -> str | None:
+        return self._why
+
+    @contextlib.contextmanager
+    def scope(self, deadline: float | None) -> Iterator[None]:
+        """One refresh: connections are cut when ``deadline`` (time.monotonic()) passes."""
+        with self._lock:
+            if self._why != "closed":
+                self._why = None
+                self._wake.clear()
+            if deadline is not None:
+                self._timer = threading.Timer(
+                    max(0.0, deadline - time.monotonic()), self.interrupt, ("deadline",)
+                )
+                self._timer.daemon = True
+                self._timer.start()
+        try:
+            yield
+        finally:
+            with self._lock:
+                timer, self._timer = self._timer, None
+            if timer is not None:
+                timer.cancel()
+
+    def interrupt(self, why: str) -> None:
+        """Stop the refresh in progress: wake its waits and shut its sockets down. Thread-safe."""
+        with self._lock:
+            if self._why is None or why == "closed":
+                self._why = why
+            self._wake.set()
+        self._adapter.cut()
+        self.http.close()  # drops the pools: the next request opens a new connection
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep; True when interrupted before the time was up."""
+        return self._wake.wait(seconds)
+
+    def close(self) -> None:
+        self.interrupt("closed")
+
+
+# ---------------------------------------------------------------------------- the client
 class GraphClient:
     """msal authentication plus Graph GETs with retries, for one tenant; safe to share between threads."""
 
-    def __init__(self, config: EntraConfig, *, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self, config: EntraConfig, *, retry: RetryPolicy | None = None, mask: SecretMask | None = None
+    ) -> None:
         self._config = config
         self._retry = retry or RetryPolicy()
         self._graph = urlsplit(config.graph_url)
         self._authority_host = urlsplit(config.authority_host).hostname or config.authority_host
+        self._mask = mask if mask is not None else SecretMask(config.secrets())
         self._credential = _client_credential(config)
         self._scope = f"{config.graph_url}/.default"
-        self._session = _session(config.ca_file)
-        self._token_http = _TokenHttp(self._session, config.timeout, self.proxies_for, self._count_token_http)
+        self._sessions: weakref.WeakSet[GraphSession] = weakref.WeakSet()
+        self._closed = False
+        self._default_session = self.open_session()
+        self._local = threading.local()  # the budget of the refresh asking for a token (msal's HTTP)
+        self._token_http = _TokenHttp(self)
         self._app: msal.ConfidentialClientApplication | None = None
         self._token_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self._stats = HttpStats()
         self._proxy_cache: dict[tuple[str, str], dict[str, str]] = {}
-        self._closed = threading.Event()
         self._holders = 0
 
     # ------------------------------------------------------------------ public interface
+    @property
+    def config(self) -> EntraConfig:
+        return self._config
+
     @property
     def graph_host(self) -> str:
         return self._graph.netloc
@@ -132,83 +317,74 @@ class GraphClient:
     def describe(self) -> str:
         return f"{self._graph.netloc} tenant {self._config.tenant_id}"
 
-    def new_budget(self) -> RetryBudget:
-        return RetryBudget(self._config.max_retry_wait)
+    def open_session(self) -> GraphSession:
+        """A session of its own for one source (cut without touching the other sources)."""
+        session = GraphSession(self._config.ca_file)
+        if self._closed:
+            session.close()
+        self._sessions.add(session)
+        return session
+
+    def new_budget(self, deadline: float | None = None, session: GraphSession | None = None) -> RetryBudget:
+        return RetryBudget(self._config.max_retry_wait, deadline=deadline, session=session)
 
     def url(self, path: str) -> str:
         """An absolute Graph URL for a path such as ``/v1.0/users?$top=999``."""
         return f"{self._config.graph_url}{path}"
 
-    def get_json(self, endpoint: Endpoint, url: str, budget: RetryBudget) -> dict[str, Any]:
-        """GET one Graph URL, retrying transient failures of that same URL; the decoded JSON object."""
-        token_renewed = False
-        failures = 0
-        throttled = 0
-        while True:
-            token = self._access_token()
-            response = self._send(endpoint, url, token)
-            if isinstance(response, str):  # the connection failed; `response` says how
-                failures += 1
-                self._back_off(endpoint, url, failures, budget, f"connection failed: {response}")
-                continue
-            status = response.status_code
-            if status == 200:
-                return self._decode(endpoint, url, response)
-            if status == 401 and not token_renewed:
-                # The token may have expired or been revoked before msal's idea of its lifetime
-                # ended: msal's cache would hand back the same one, so drop it and ask again once.
-                log.info("Graph rejected the access token for %s (HTTP 401); renewing it once", endpoint)
-                self._forget_token(token)
-                token_renewed = True
-                continue
-            if status == 401:
-                raise SourceError(
-                    "auth",
-                    f"Graph ({self.graph_host}) rejected a freshly issued token for GET {_path(url)}: "
-                    f"{_graph_error(response)}",
-                )
-            if status == 403:
-                raise SourceError("auth", self._forbidden_message(endpoint, url, response))
-            retry_after = _retry_after(response)
-            if status == 429 or (status == 503 and retry_after is not None):
-                throttled += 1
-                self._wait_throttled(endpoint, url, status, retry_after, throttled, budget)
-                continue
-            if status >= 500:
-                failures += 1
-                self._back_off(endpoint, url, failures, budget, f"HTTP {status}")
-                continue
-            raise SourceError(
-                "other",
-                f"Graph ({self.graph_host}) answered GET {_path(url)} with HTTP {status}: "
-                f"{_graph_error(response)}",
-            )
+    def is_graph_url(self, url: str) -> bool:
+        """The URL points at the configured Graph (the bearer token is never sent anywhere else)."""
+        parts = urlsplit(url)
+        return (parts.scheme.lower(), parts.netloc.lower()) == (
+            self._graph.scheme.lower(),
+            self._graph.netloc.lower(),
+        ) and parts.path.startswith(self._graph.path.rstrip("/") + "/")
 
-    def get_pages(self, endpoint: Endpoint, url: str, budget: RetryBudget) -> Iterator[list[dict[str, Any]]]:
-        """The ``value`` of each page of a collection, following ``@odata.nextLink`` until absent."""
+    def get_json(
+        self, endpoint: Endpoint, url: str, budget: RetryBudget, *, headers: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """GET one Graph URL, retrying transient failures of that same URL; the decoded JSON object."""
+        return self._decode(self._fetch(endpoint, url, budget, headers))
+
+    def get_text(
+        self, endpoint: Endpoint, url: str, budget: RetryBudget, *, headers: Mapping[str, str] | None = None
+    ) -> str:
+        """GET one Graph URL answered with text (``/users/$count``)."""
+        return self._fetch(endpoint, url, budget, headers).text
+
+    def iter_bodies(
+        self, endpoint: Endpoint, url: str, budget: RetryBudget, *, headers: Mapping[str, str] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Each page of a collection (the whole JSON object), following ``@odata.nextLink`` until absent;
+        ``value`` is checked to be a list of objects."""
         next_url: str | None = url
         seen: set[str] = set()
         while next_url is not None:
-            body = self.get_json(endpoint, next_url, budget)
-            value = body.get("value")
-            if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-                raise SourceError(
-                    "data",
-                    f"Graph ({self.graph_host}) GET {_path(next_url)}: 'value' is not a list of objects",
-                )
-            yield value
-            link = body.get("@odata.nextLink")
-            if link is None:
-                return
-            if not isinstance(link, str) or not self._is_graph_url(link):
-                # Never send the bearer token anywhere but the configured Graph host.
-                raise SourceError(
-                    "data", f"Graph ({self.graph_host}) returned a nextLink outside {self._config.graph_url}"
-                )
-            if link in seen:
-                raise SourceError("data", f"Graph ({self.graph_host}) returned the same nextLink twice")
-            seen.add(link)
-            next_url = link
+            body = self.get_json(endpoint, next_url, budget, headers=headers)
+            page_values(body, self.graph_host, next_url)
+            yield body
+            next_url = self.next_link(body, "@odata.nextLink", seen)
+
+    def get_pages(
+        self, endpoint: Endpoint, url: str, budget: RetryBudget, *, headers: Mapping[str, str] | None = None
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The ``value`` of each page of a collection, following ``@odata.nextLink`` until absent."""
+        for body in self.iter_bodies(endpoint, url, budget, headers=headers):
+            yield body["value"]
+
+    def next_link(self, body: Mapping[str, Any], name: str, seen: set[str]) -> str | None:
+        """A paging link of a page (None when absent), checked: on the Graph host, not seen before."""
+        link = body.get(name)
+        if link is None:
+            return None
+        if not isinstance(link, str) or not self.is_graph_url(link):
+            raise GraphError(
+                "data", f"Graph ({self.graph_host}) returned a {name} outside {self._config.graph_url}"
+            )
+        if link in seen:
+            raise GraphError("data", f"Graph ({self.graph_host}) returned the same {name} twice")
+        seen.add(link)
+        return link
 
     def http_stats(self) -> HttpStats:
         with self._stats_lock:
@@ -228,42 +404,134 @@ class GraphClient:
             self.close()
 
     def close(self) -> None:
-        """Stop waits in progress and release the connections. Safe to call more than once."""
-        self._closed.set()
-        self._session.close()
+        """Stop every request and wait in progress and release the connections. Safe to call again."""
+        self._closed = True
+        for session in list(self._sessions):
+            session.close()
+
+    def mask(self, text: str) -> str:
+        return self._mask.mask(text)
 
     # ------------------------------------------------------------------ Graph requests
-    def _send(self, endpoint: Endpoint, url: str, token: str) -> requests.Response | str:
-        """The response, or why the connection failed (those are retried by the caller)."""
-        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
-        try:
-            response = self._session.get(
-                url, headers=headers, timeout=self._config.timeout, proxies=self.proxies_for(url)
+    def _fetch(
+        self, endpoint: Endpoint, url: str, budget: RetryBudget, headers: Mapping[str, str] | None
+    ) -> requests.Response:
+        """The 200 answer to GET ``url``, after the retries the failures allow."""
+        session = budget.session or self._default_session
+        token_renewed = False
+        failures = 0
+        throttled = 0
+        while True:
+            self._check_interrupted(session, url)
+            token = self._access_token(budget)
+            response = self._send(endpoint, url, token, budget, headers)
+            if isinstance(response, str):  # the connection failed; `response` says how
+                self._check_interrupted(session, url)  # a cut connection is the abort, not a fault
+                failures += 1
+                self._back_off(endpoint, url, failures, budget, f"connection failed: {response}")
+                continue
+            status = response.status_code
+            if status == 200:
+                return response
+            if status == 401 and not token_renewed:
+                # The token may have expired or been revoked before msal's idea of its lifetime
+                # ended: msal's cache would hand back the same one, so drop it and ask again once.
+                log.info("Graph rejected the access token for %s (HTTP 401); renewing it once", endpoint)
+                self._forget_token(token)
+                token_renewed = True
+                continue
+            code, detail = _graph_error(response)
+            if status == 401:
+                raise self._error(
+                    "auth",
+                    f"Graph ({self.graph_host}) rejected a freshly issued token for GET {_path(url)}: "
+                    + detail,
+                    status,
+                    code,
+                )
+            if status == 403:
+                raise self._error("auth", self._forbidden_message(endpoint, url, detail), status, code)
+            retry_after = _retry_after(response)
+            if status == 429 or (status == 503 and retry_after is not None):
+                throttled += 1
+                self._wait_throttled(endpoint, url, status, retry_after, throttled, budget)
+                continue
+            if status >= 500:
+                failures += 1
+                self._back_off(endpoint, url, failures, budget, f"HTTP {status} ({detail})")
+                continue
+            raise self._error(
+                "other",
+                f"Graph ({self.graph_host}) answered GET {_path(url)} with HTTP {status}: {detail}",
+                status,
+                code,
             )
+
+    def _send(
+        self,
+        endpoint: Endpoint,
+        url: str,
+        token: str,
+        budget: RetryBudget,
+        extra_headers: Mapping[str, str] | None,
+    ) -> requests.Response | str:
+        """The response, or why the connection failed (those are retried by the caller)."""
+        session = budget.session or self._default_session
+        headers = {"Authorization": f"Bearer {token}", "Accept": "application/json", **(extra_headers or {})}
+        timeout, bounded = self._request_timeout(url, budget)
+        try:
+            response = session.http.get(url, headers=headers, timeout=timeout, proxies=self.proxies_for(url))
         except requests.exceptions.SSLError as exc:
             self._count(endpoint, "error")
-            raise SourceError("network", f"TLS with {self.graph_host} failed: {_reason(exc)}") from None
+            self._check_interrupted(session, url)
+            raise self._error("network", f"TLS with {self.graph_host} failed: {_reason(exc)}") from None
         except requests.Timeout:
             self._count(endpoint, "timeout")
-            raise SourceError(
-                "timeout",
-                f"Graph ({self.graph_host}) did not answer GET {_path(url)} within {self._config.timeout:g}s",
+            self._check_interrupted(session, url)
+            within = "before the refresh deadline" if bounded else f"within {self._config.timeout:g}s"
+            raise self._error(
+                "timeout", f"Graph ({self.graph_host}) did not answer GET {_path(url)} {within}"
             ) from None
         except requests.RequestException as exc:
             self._count(endpoint, "error")
             return _reason(exc)
-        self._count(endpoint, str(response.status_code))
+        self._observe(endpoint, response)
         return response
 
-    def _decode(self, endpoint: Endpoint, url: str, response: requests.Response) -> dict[str, Any]:
+    def _request_timeout(self, url: str, budget: RetryBudget) -> tuple[float, bool]:
+        """The socket timeout of the next request, and whether the refresh deadline set it."""
+        remaining = budget.remaining()
+        if remaining <= 0:
+            raise self._error(
+                "timeout", f"Graph ({self.graph_host}): the refresh deadline passed before GET {_path(url)}"
+            )
+        if remaining < self._config.timeout:
+            return max(_MIN_REQUEST_TIMEOUT, remaining), True
+        return self._config.timeout, False
+
+    def _check_interrupted(self, session: GraphSession, url: str) -> None:
+        why = session.interrupted
+        if why is None:
+            return
+        if why == "closed":
+            raise self._error("other", f"the Graph client for {self.describe()} was closed")
+        when = "at the refresh deadline" if why == "deadline" else "(aborted at the refresh deadline)"
+        raise self._error(
+            "timeout",
+            f"Graph ({self.graph_host}) GET {_path(url)} was cut off {when}; the connection was closed and "
+            "the next refresh opens a new one",
+        )
+
+    def _decode(self, response: requests.Response) -> dict[str, Any]:
+        url = response.url
         try:
             body = response.json()
         except ValueError:
-            raise SourceError(
+            raise self._error(
                 "data", f"Graph ({self.graph_host}) GET {_path(url)} returned a body that is not JSON"
             ) from None
         if not isinstance(body, dict):
-            raise SourceError("data", f"Graph ({self.graph_host}) GET {_path(url)} returned no JSON object")
+            raise self._error("data", f"Graph ({self.graph_host}) GET {_path(url)} returned no JSON object")
         return body
 
     def _wait_throttled(
@@ -278,49 +546,57 @@ class GraphClient:
         with self._stats_lock:
             self._stats.throttled += 1
         delay = retry_after if retry_after is not None else self._backoff_delay(answers)
+        asked = (
+            f"Graph ({self.graph_host}) throttled GET {_path(url)} (HTTP {status}, asked to wait {delay:g}s)"
+        )
         if answers > self._retry.throttled_answers or not budget.allows(delay):
-            raise SourceError(
+            raise self._error(
                 "throttled",
-                f"Graph ({self.graph_host}) throttled GET {_path(url)} (HTTP {status}, asked to wait "
-                f"{delay:g}s); {budget.spent:g}s of max_retry_wait {budget.limit:g}s already spent",
+                f"{asked}; {budget.spent:g}s of max_retry_wait {budget.limit:g}s already spent",
+                status,
             )
+        if not budget.fits(delay):
+            raise self._error("throttled", f"{asked}: the wait would pass the refresh deadline", status)
         log.warning("Graph throttled %s (HTTP %s): retrying in %gs", endpoint, status, delay)
-        self._sleep(delay, budget)
+        self._sleep(delay, budget, url)
 
     def _back_off(self, endpoint: Endpoint, url: str, failures: int, budget: RetryBudget, what: str) -> None:
         delay = self._backoff_delay(failures)
-        if failures >= self._retry.attempts or not budget.allows(delay):
-            raise SourceError(
-                "network",
-                f"Graph ({self.graph_host}) GET {_path(url)} failed {failures} time(s), last: {what}",
+        failed = f"Graph ({self.graph_host}) GET {_path(url)}: {what} after {failures} attempt(s)"
+        if failures >= self._retry.attempts:
+            raise self._error("network", failed)
+        if not budget.allows(delay):
+            raise self._error("network", f"{failed} (max_retry_wait {budget.limit:g}s spent)")
+        if not budget.fits(delay):
+            raise self._error(
+                "network", f"{failed} (no time for another attempt before the refresh deadline)"
             )
         log.info("Graph %s: %s; retry %d in %gs", endpoint, what, failures, delay)
-        self._sleep(delay, budget)
+        self._sleep(delay, budget, url)
 
     def _backoff_delay(self, attempt: int) -> float:
         return float(min(self._retry.backoff_max, self._retry.backoff_base * 2 ** (attempt - 1)))
 
-    def _sleep(self, delay: float, budget: RetryBudget) -> None:
+    def _sleep(self, delay: float, budget: RetryBudget, url: str) -> None:
         budget.spent += delay
         with self._stats_lock:
             self._stats.retry_wait_seconds += delay
-        if self._closed.wait(delay):
-            raise SourceError("other", f"the Graph client for {self.describe()} was closed")
+        session = budget.session or self._default_session
+        if session.wait(delay):
+            self._check_interrupted(session, url)
 
-    def _forbidden_message(self, endpoint: Endpoint, url: str, response: requests.Response) -> str:
+    def _forbidden_message(self, endpoint: Endpoint, url: str, detail: str) -> str:
         permission = REQUIRED_PERMISSION[endpoint]
         return (
-            f"Graph ({self.graph_host}) denied GET {_path(url)} (HTTP 403, {_graph_error(response)}): "
+            f"Graph ({self.graph_host}) denied GET {_path(url)} (HTTP 403, {detail}): "
             f"the app registration {self._config.client_id} needs the application permission "
             f"{permission} with admin consent"
         )
 
-    def _is_graph_url(self, url: str) -> bool:
-        parts = urlsplit(url)
-        return (parts.scheme.lower(), parts.netloc.lower()) == (
-            self._graph.scheme.lower(),
-            self._graph.netloc.lower(),
-        ) and parts.path.startswith(self._graph.path.rstrip("/") + "/")
+    def _error(
+        self, reason: ErrorReason, message: str, status: int | None = None, code: str = ""
+    ) -> GraphError:
+        return GraphError(reason, self._mask.mask(message), status=status, code=code)
 
     def proxies_for(self, url: str) -> dict[str, str]:
         """Proxies from the environment (HTTPS_PROXY, NO_PROXY) for a URL.
@@ -336,10 +612,28 @@ class GraphClient:
             self._proxy_cache[key] = cached
         return cached
 
-    def _count(self, endpoint: Endpoint, code: str) -> None:
+    # ------------------------------------------------------------------ statistics
+    def _count(self, endpoint: str, code: str) -> None:
         with self._stats_lock:
             key = (endpoint, code)
             self._stats.requests[key] = self._stats.requests.get(key, 0) + 1
+
+    def _observe(self, endpoint: Endpoint, response: requests.Response) -> None:
+        """Count the answer and record Graph's throttling headers for this endpoint."""
+        units = _header_number(response, "x-ms-resource-unit")
+        ratio = _header_number(response, "x-ms-throttle-limit-percentage")
+        with self._stats_lock:
+            key = (endpoint, str(response.status_code))
+            self._stats.requests[key] = self._stats.requests.get(key, 0) + 1
+            if units is not None:
+                self._stats.resource_units[endpoint] = self._stats.resource_units.get(endpoint, 0.0) + units
+            # Graph sends the header (a ratio of the limit, 0.8 to 1.8) only while the app uses more
+            # than 80% of its budget; stored as percent. A successful answer without it means the
+            # usage fell below 80%: the endpoint's value is dropped rather than left stale.
+            if ratio is not None:
+                self._stats.throttle_limit_percentage[endpoint] = ratio * 100.0
+            elif response.status_code < 300:
+                self._stats.throttle_limit_percentage.pop(endpoint, None)
 
     def _count_token_http(self, code: str, token_request: bool) -> None:
         with self._stats_lock:
@@ -349,14 +643,34 @@ class GraphClient:
                 self._stats.token_requests += 1
 
     # ------------------------------------------------------------------ tokens (msal)
-    def _access_token(self) -> str:
-        with self._token_lock:
+    def _access_token(self, budget: RetryBudget) -> str:
+        remaining = budget.remaining()
+        if not self._token_lock.acquire(timeout=-1 if math.isinf(remaining) else max(0.0, remaining)):
+            raise self._error(
+                "timeout",
+                f"waited for another refresh's token request at {self._authority_host} until the "
+                "refresh deadline",
+            )
+        try:
+            self._local.budget = budget
             app = self._application()
             result = self._msal_call(lambda: app.acquire_token_for_client(scopes=[self._scope]))
+        finally:
+            self._local.budget = None
+            self._token_lock.release()
         token = result.get("access_token") if isinstance(result, dict) else None
         if isinstance(token, str) and token:
             return token
         raise self._token_error(result if isinstance(result, dict) else {})
+
+    def token_request_context(self) -> tuple[GraphSession, float]:
+        """The session and socket timeout for msal's HTTP request in this thread."""
+        budget: RetryBudget | None = getattr(self._local, "budget", None)
+        if budget is None:
+            return self._default_session, self._config.timeout
+        session = budget.session or self._default_session
+        remaining = budget.remaining()
+        return session, max(_MIN_REQUEST_TIMEOUT, min(self._config.timeout, remaining))
 
     def _forget_token(self, token: str) -> None:
         with self._token_lock:
@@ -390,34 +704,36 @@ class GraphClient:
             )
         return self._app
 
-    def _msal_call(self, call: Any, *, discovery: bool = False) -> Any:
+    def _msal_call(self, call: Callable[[], Any], *, discovery: bool = False) -> Any:
         host = self._authority_host
         try:
             return call()
-        except requests.exceptions.SSLError as exc:
-            raise SourceError("network", f"TLS with {host} failed: {_reason(exc)}") from None
-        except requests.Timeout:
-            raise SourceError(
-                "timeout", f"{host} did not answer a token request within {self._config.timeout:g}s"
-            ) from None
         except requests.RequestException as exc:
-            raise SourceError("network", f"cannot get a token from {host}: {_reason(exc)}") from None
+            session, _ = self.token_request_context()
+            self._check_interrupted(session, f"{self._config.authority_host}/")
+            if isinstance(exc, requests.exceptions.SSLError):
+                raise self._error("network", f"TLS with {host} failed: {_reason(exc)}") from None
+            if isinstance(exc, requests.Timeout):
+                raise self._error(
+                    "timeout", f"{host} did not answer a token request within {self._config.timeout:g}s"
+                ) from None
+            raise self._error("network", f"cannot get a token from {host}: {_reason(exc)}") from None
         except msal.exceptions.MsalServiceError as exc:  # the token endpoint answered 5xx
-            raise SourceError("network", f"{host} failed the token request: {exc}") from None
+            raise self._error("network", f"{host} failed the token request: {exc}") from None
         except ValueError as exc:
             if discovery:
                 # msal raises ValueError when the tenant's OpenID configuration is refused (4xx).
-                log.debug("msal authority discovery failed: %s", exc)
-                raise SourceError(
+                log.debug("msal authority discovery failed: %s", self._mask.mask(str(exc)))
+                raise self._error(
                     "auth",
                     f"{host} does not know tenant {self._config.tenant_id} (OpenID discovery failed); "
                     "check tenant_id and authority_host",
                 ) from None
-            raise SourceError(
+            raise self._error(
                 "data", f"{host} answered the token request with something that is not JSON"
             ) from None
 
-    def _token_error(self, result: dict[str, Any]) -> SourceError:
+    def _token_error(self, result: dict[str, Any]) -> GraphError:
         error = str(result.get("error") or "no access token in the answer")
         codes = result.get("error_codes") or []
         code = str(codes[0]) if codes else _aadsts_code(str(result.get("error_description") or ""))
@@ -430,29 +746,50 @@ class GraphClient:
             parts.append(f" (AADSTS{code})")
         if hint:
             parts.append(f": {hint}")
-        message = self._scrub("".join(parts))
-        reason: Literal["auth", "network"] = "network" if error in _RETRYABLE_TOKEN_ERRORS else "auth"
-        return SourceError(reason, message)
+        reason: ErrorReason = "network" if error in _RETRYABLE_TOKEN_ERRORS else "auth"
+        return self._error(reason, "".join(parts))
 
-    def _scrub(self, text: str) -> str:
-        secret = self._config.client_secret.value if self._config.client_secret else ""
-        return text.replace(secret, "<secret>") if secret else text
+
+class GraphSource:
+    """What every Graph source shares: the tenant's client (closed by its last source) and a session
+    of its own, which ``abort()`` cuts without touching the other sources' requests."""
+
+    def __init__(self, config: EntraConfig, client: GraphClient) -> None:
+        self.config = config
+        self.client = client
+        self.session = client.open_session()
+        self._closed = False
+        client.retain()
+
+    def describe(self) -> str:
+        return self.client.describe()
+
+    def http_stats(self) -> HttpStats:
+        """Cumulative statistics of the Graph client, shared by the sources of the tenant."""
+        return self.client.http_stats()
+
+    def abort(self) -> None:
+        """Cut the refresh in progress (called from the engine's thread at the deadline)."""
+        self.session.interrupt("aborted")
+
+    def close(self) -> None:
+        if not self._closed:  # the client is shared: it closes when its last source does
+            self._closed = True
+            self.session.close()
+            self.client.release()
+
+    @contextlib.contextmanager
+    def refreshing(self, deadline: float | None) -> Iterator[RetryBudget]:
+        """The budget of one refresh (or look-up), whose connections are cut at ``deadline``."""
+        with self.session.scope(deadline):
+            yield self.client.new_budget(deadline, self.session)
 
 
 class _TokenHttp:
-    """The HTTP client given to msal: the shared session with our timeout, proxies and counters."""
+    """The HTTP client given to msal: the asking refresh's session, timeout, proxies and counters."""
 
-    def __init__(
-        self,
-        session: requests.Session,
-        timeout: float,
-        proxies_for: Callable[[str], dict[str, str]],
-        count: Callable[[str, bool], None],
-    ) -> None:
-        self._session = session
-        self._timeout = timeout
-        self._proxies_for = proxies_for
-        self._count = count
+    def __init__(self, client: GraphClient) -> None:
+        self._client = client
 
     def get(self, url: str, **kwargs: Any) -> requests.Response:
         return self._request("GET", url, kwargs)
@@ -460,33 +797,24 @@ class _TokenHttp:
     def post(self, url: str, **kwargs: Any) -> requests.Response:
         return self._request("POST", url, kwargs)
 
-    def close(self) -> None:  # msal may call it; the session belongs to GraphClient
+    def close(self) -> None:  # msal may call it; the sessions belong to the sources
         pass
 
     def _request(self, method: str, url: str, kwargs: dict[str, Any]) -> requests.Response:
-        kwargs.setdefault("timeout", self._timeout)
-        kwargs.setdefault("proxies", self._proxies_for(url))
+        session, timeout = self._client.token_request_context()
+        kwargs["timeout"] = min(float(kwargs.get("timeout") or timeout), timeout)
+        kwargs.setdefault("proxies", self._client.proxies_for(url))
         is_token_request = method == "POST"  # the rest is OpenID discovery
         try:
-            response = self._session.request(method, url, **kwargs)
+            response = session.http.request(method, url, **kwargs)
         except requests.Timeout:
-            self._count("timeout", is_token_request)
+            self._client._count_token_http("timeout", is_token_request)
             raise
         except requests.RequestException:
-            self._count("error", is_token_request)
+            self._client._count_token_http("error", is_token_request)
             raise
-        self._count(str(response.status_code), is_token_request)
+        self._client._count_token_http(str(response.status_code), is_token_request)
         return response
-
-
-def _session(ca_file: str | None) -> requests.Session:
-    session = requests.Session()
-    # Without this, REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE in the environment replace `verify`.
-    session.trust_env = False
-    session.verify = ca_file if ca_file else True
-    adapter = requests.adapters.HTTPAdapter(pool_maxsize=4, max_retries=0)
-    session.mount("https://", adapter)
-    return session
 
 
 # ---------------------------------------------------------------------------- credentials
@@ -559,6 +887,14 @@ def certificate_credential(path: str, thumbprint: str | None) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------- helpers
+def page_values(body: Mapping[str, Any], host: str, url: str) -> list[dict[str, Any]]:
+    """The ``value`` of a collection page, which must be a list of objects."""
+    value = body.get("value")
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise GraphError("data", f"Graph ({host}) GET {_path(url)}: 'value' is not a list of objects")
+    return value
+
+
 def _retry_after(response: requests.Response) -> float | None:
     value = response.headers.get("Retry-After")
     if value is None:
@@ -575,18 +911,44 @@ def _retry_after(response: requests.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _graph_error(response: requests.Response) -> str:
-    """``code: message`` from a Graph error body, or the status text."""
+def _header_number(response: requests.Response, name: str) -> float | None:
+    value = response.headers.get(name)
+    if value is None:
+        return None
+    try:
+        number = float(value.strip())
+    except ValueError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
+def _graph_error(response: requests.Response) -> tuple[str, str]:
+    """(Graph error code, ``code: message`` for messages) from an error answer."""
     try:
         body = response.json()
     except ValueError:
-        return response.reason or "no details"
+        return "", response.reason or "no details"
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
-        code = error.get("code") or "error"
-        message = str(error.get("message") or "").strip()
-        return f"{code}: {message}" if message else str(code)
-    return response.reason or "no details"
+        code = str(error.get("code") or "error")
+        message = _intune_message(str(error.get("message") or "").strip())
+        return code, f"{code}: {message}" if message else code
+    return "", response.reason or "no details"
+
+
+def _intune_message(message: str) -> str:
+    """Intune puts its own JSON error document, as text, into the Graph error message: its
+    ``Message`` without the operation and activity ids that follow, or the message as it is."""
+    if not message.startswith("{"):
+        return message
+    try:
+        document = json.loads(message)
+    except ValueError:
+        return message
+    inner = document.get("Message") if isinstance(document, dict) else None
+    if not isinstance(inner, str):
+        return message
+    return inner.split(" - Operation ID", 1)[0].strip()
 
 
 def _aadsts_code(description: str) -> str | None:

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from exporter.config import EntraConfig, Secret
+from exporter.sources.devices import IntuneDevicesSource
 from exporter.sources.entra import EntraOrganizationSource, EntraUsersSource
 from exporter.sources.graph import GraphClient, RetryPolicy
 from tests.conftest import require_component
@@ -80,9 +81,16 @@ class Harness:
         self.clients.append(client)
         return client
 
-    def users(self, config: EntraConfig | None = None, client: GraphClient | None = None) -> EntraUsersSource:
+    def users(
+        self, config: EntraConfig | None = None, client: GraphClient | None = None, **options: Any
+    ) -> EntraUsersSource:
+        """The users source; ``options`` go to EntraUsersSource (license_refresh_interval, clock)."""
         config = config or self.config()
-        return EntraUsersSource(config, client or self.client(config))
+        return EntraUsersSource(config, client or self.client(config), **options)
+
+    def devices(self, config: EntraConfig | None = None, client: GraphClient | None = None) -> IntuneDevicesSource:
+        config = config or self.config()
+        return IntuneDevicesSource(config, client or self.client(config))
 
     def organization(
         self, config: EntraConfig | None = None, client: GraphClient | None = None

@@ -177,7 +177,7 @@ def test_unreachable_graph_host_is_a_network_error(sim: GraphSimulator, entra: H
         entra.users(client=client).refresh(None)
     assert failure.value.reason == "network"
     assert f"127.0.0.1:{closed_port}" in failure.value.message
-    assert client.http_stats().requests[("users", "error")] == 3
+    assert client.http_stats().requests[("usersDelta", "error")] == 3
 
 
 def test_budget_is_per_refresh(three_pages: GraphSimulator, entra: Harness) -> None:

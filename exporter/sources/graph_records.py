@@ -1,0 +1,306 @@
+"""Graph JSON -> records: users (whole, or one delta change merged into the user held), licences,
+managed devices, organization, SKUs and subscriptions.
+
+Everything is normalised here (lower-case GUIDs, upper-case SIDs, POSIX times); anything of an
+unexpected shape raises :class:`ShapeError`, which the sources turn into a refresh failure with
+reason ``data`` rather than producing half-right metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from exporter.ids import epoch_seconds, guid_text, sid_text
+from exporter.model import (
+    AssignedLicense,
+    EntraUser,
+    LicenseState,
+    ManagedDevice,
+    ServicePlan,
+    SubscribedSku,
+    Subscription,
+)
+
+# The user properties every read selects (full read, delta, licence sweep, look-ups): exactly what
+# EntraUser holds. Fewer properties also mean fewer delta changes to read (a property that is not
+# selected does not make a user surface in /users/delta).
+USER_PROPERTIES = (
+    "id",
+    "userPrincipalName",
+    "accountEnabled",
+    "createdDateTime",
+    "onPremisesSyncEnabled",
+    "onPremisesImmutableId",
+    "onPremisesSecurityIdentifier",
+    "onPremisesProvisioningErrors",
+    "assignedLicenses",
+    "licenseAssignmentStates",
+    "usageLocation",
+)
+# What the licence sweep reads (changes of licenseAssignmentStates are invisible to /users/delta).
+LICENSE_PROPERTIES = ("id", "assignedLicenses", "licenseAssignmentStates")
+ORGANIZATION_PROPERTIES = ("id", "onPremisesSyncEnabled", "onPremisesLastSyncDateTime")
+DEVICE_PROPERTIES = (
+    "id",
+    "deviceName",
+    "userId",
+    "operatingSystem",
+    "complianceState",
+    "managementAgent",
+    "enrolledDateTime",
+    "lastSyncDateTime",
+)
+
+
+class ShapeError(ValueError):
+    """A Graph object that does not have the documented shape."""
+
+
+# ---------------------------------------------------------------------------- users
+def user_id_of(item: dict[str, Any]) -> str:
+    """The normalised object id of a user object or delta entry."""
+    return _guid(item, "id", "user", required=True) or ""
+
+
+def parse_user(item: dict[str, Any]) -> EntraUser:
+    """A user from a listing (a property Graph left out is null: never set)."""
+    user_id = user_id_of(item)
+    base = EntraUser(
+        id=user_id,
+        user_principal_name=None,
+        on_premises_sync_enabled=False,
+        on_premises_immutable_id=None,
+        on_premises_security_identifier=None,
+    )
+    return dataclasses.replace(base, **user_fields(item, f"user {user_id}"))
+
+
+def merge_user(held: EntraUser, item: dict[str, Any]) -> EntraUser:
+    """A delta change merged into the user held: the properties it carries replace the held ones.
+
+    /users/delta may return only the changed properties (``Prefer: return=minimal``) and leaves out
+    properties that were never set; either way, what is absent keeps its held value.
+    """
+    return dataclasses.replace(held, **user_fields(item, f"user {held.id}"))
+
+
+def carries_every_property(item: dict[str, Any]) -> bool:
+    return all(name in item for name in USER_PROPERTIES)
+
+
+def user_fields(item: dict[str, Any], what: str) -> dict[str, Any]:
+    """EntraUser fields for the user properties present in ``item``."""
+    fields: dict[str, Any] = {}
+    for prop, (name, read) in _USER_FIELDS.items():
+        if prop in item:
+            fields[name] = read(item, what)
+    return fields
+
+
+def parse_licences(
+    item: dict[str, Any], what: str
+) -> tuple[tuple[AssignedLicense, ...], tuple[LicenseState, ...]]:
+    return _assigned_licenses(item, what), _license_states(item, what)
+
+
+def _provisioning_errors(item: dict[str, Any], what: str) -> tuple[str, ...]:
+    errors = item.get("onPremisesProvisioningErrors") or []
+    if not isinstance(errors, list) or not all(isinstance(e, dict) for e in errors):
+        raise ShapeError(f"{what}: onPremisesProvisioningErrors is not a list of objects")
+    return tuple(_str(error, "category", f"{what} provisioning error") or "Unknown" for error in errors)
+
+
+def _assigned_licenses(item: dict[str, Any], what: str) -> tuple[AssignedLicense, ...]:
+    return tuple(_assigned_license(lic, what) for lic in _objects(item, "assignedLicenses", what))
+
+
+def _assigned_license(item: dict[str, Any], what: str) -> AssignedLicense:
+    sku_id = _guid(item, "skuId", f"{what} assigned license", required=True) or ""
+    return AssignedLicense(sku_id=sku_id, disabled_plans=_plans(item, f"{what}: license {sku_id}"))
+
+
+def _license_states(item: dict[str, Any], what: str) -> tuple[LicenseState, ...]:
+    return tuple(_license_state(state, what) for state in _objects(item, "licenseAssignmentStates", what))
+
+
+def _license_state(item: dict[str, Any], what: str) -> LicenseState:
+    sku_id = _guid(item, "skuId", f"{what} licence state", required=True) or ""
+    where = f"{what}: licence state of {sku_id}"
+    return LicenseState(
+        sku_id=sku_id,
+        state=_str(item, "state", where),
+        error=_str(item, "error", where),
+        assigned_by_group=_guid(item, "assignedByGroup", where),
+        disabled_plans=_plans(item, where),
+        last_updated=_time(item, "lastUpdatedDateTime", where),
+    )
+
+
+def _plans(item: dict[str, Any], what: str) -> tuple[str, ...]:
+    disabled = item.get("disabledPlans") or []
+    if not isinstance(disabled, list) or not all(isinstance(plan, str) for plan in disabled):
+        raise ShapeError(f"{what}: disabledPlans is not a list of GUIDs")
+    try:
+        return tuple(guid_text(plan) or "" for plan in disabled)
+    except ValueError:
+        raise ShapeError(f"{what}: disabledPlans holds something that is not a GUID") from None
+
+
+_USER_FIELDS: dict[str, tuple[str, Callable[[dict[str, Any], str], Any]]] = {
+    "userPrincipalName": ("user_principal_name", lambda item, what: _str(item, "userPrincipalName", what)),
+    "accountEnabled": ("account_enabled", lambda item, what: _bool(item, "accountEnabled", what)),
+    "createdDateTime": ("created", lambda item, what: _time(item, "createdDateTime", what)),
+    "onPremisesSyncEnabled": (
+        "on_premises_sync_enabled",
+        lambda item, what: _bool(item, "onPremisesSyncEnabled", what) is True,
+    ),
+    "onPremisesImmutableId": (
+        "on_premises_immutable_id",
+        lambda item, what: _str(item, "onPremisesImmutableId", what),
+    ),
+    "onPremisesSecurityIdentifier": (
+        "on_premises_security_identifier",
+        lambda item, what: _sid(item, "onPremisesSecurityIdentifier", what),
+    ),
+    "onPremisesProvisioningErrors": ("provisioning_error_categories", _provisioning_errors),
+    "assignedLicenses": ("assigned_licenses", _assigned_licenses),
+    "licenseAssignmentStates": ("license_states", _license_states),
+    "usageLocation": ("usage_location", lambda item, what: _str(item, "usageLocation", what)),
+}
+
+
+# ---------------------------------------------------------------------------- managed devices
+def parse_device(item: dict[str, Any]) -> ManagedDevice:
+    device_id = _guid(item, "id", "managed device", required=True) or ""
+    what = f"managed device {device_id}"
+    return ManagedDevice(
+        id=device_id,
+        user_id=_guid(item, "userId", what),
+        operating_system=_str(item, "operatingSystem", what),
+        compliance_state=_str(item, "complianceState", what),
+        management_agent=_str(item, "managementAgent", what),
+        enrolled=_device_time(item, "enrolledDateTime", what),
+        last_sync=_device_time(item, "lastSyncDateTime", what),
+        device_name=_str(item, "deviceName", what),
+    )
+
+
+def _device_time(item: dict[str, Any], key: str, what: str) -> float | None:
+    # Intune says "never" with 0001-01-01T00:00:00Z.
+    value = _time(item, key, what)
+    return value if value is not None and value > 0 else None
+
+
+# ---------------------------------------------------------------------------- organization and licences
+def parse_organization(body: dict[str, Any]) -> tuple[bool | None, float | None]:
+    """(onPremisesSyncEnabled, onPremisesLastSyncDateTime) of the tenant's organization object."""
+    value = body.get("value")
+    if not isinstance(value, list) or not value or not isinstance(value[0], dict):
+        raise ShapeError("no organization object")
+    organization = value[0]
+    return (
+        _bool(organization, "onPremisesSyncEnabled", "organization"),
+        _time(organization, "onPremisesLastSyncDateTime", "organization"),
+    )
+
+
+def parse_sku(item: dict[str, Any]) -> SubscribedSku:
+    sku_id = _guid(item, "skuId", "subscribed SKU", required=True) or ""
+    what = f"subscribed SKU {sku_id}"
+    prepaid = item.get("prepaidUnits") or {}
+    if not isinstance(prepaid, dict):
+        raise ShapeError(f"{what}: prepaidUnits is not an object")
+    return SubscribedSku(
+        sku_id=sku_id,
+        sku_part_number=_str(item, "skuPartNumber", what) or "",
+        # As Graph says: consumed units can exceed the enabled ones and that is worth seeing.
+        consumed_units=_int(item, "consumedUnits", what),
+        prepaid_enabled=_int(prepaid, "enabled", what),
+        prepaid_warning=_int(prepaid, "warning", what),
+        prepaid_suspended=_int(prepaid, "suspended", what),
+        prepaid_locked_out=_int(prepaid, "lockedOut", what),
+        service_plans=tuple(_service_plan(plan, what) for plan in _objects(item, "servicePlans", what)),
+    )
+
+
+def _service_plan(item: dict[str, Any], what: str) -> ServicePlan:
+    plan_id = _guid(item, "servicePlanId", f"{what} service plan", required=True) or ""
+    return ServicePlan(id=plan_id, name=_str(item, "servicePlanName", f"{what} service plan") or "")
+
+
+def parse_subscription(item: dict[str, Any]) -> Subscription:
+    subscription_id = _str(item, "id", "subscription")
+    if not subscription_id:
+        raise ShapeError("a subscription without id")
+    what = f"subscription {subscription_id}"
+    return Subscription(
+        id=subscription_id,
+        sku_id=_guid(item, "skuId", what) or "",
+        sku_part_number=_str(item, "skuPartNumber", what) or "",
+        status=_str(item, "status", what) or "",
+        is_trial=_bool(item, "isTrial", what) is True,
+        total_licenses=_int(item, "totalLicenses", what),
+        next_lifecycle=_time(item, "nextLifecycleDateTime", what),
+    )
+
+
+# ---------------------------------------------------------------------------- field readers
+def _str(item: dict[str, Any], key: str, what: str) -> str | None:
+    value = item.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise ShapeError(f"{what}: {key} is not a string")
+
+
+def _bool(item: dict[str, Any], key: str, what: str) -> bool | None:
+    value = item.get(key)
+    if value is None or isinstance(value, bool):
+        return value
+    raise ShapeError(f"{what}: {key} is not true/false")
+
+
+def _int(item: dict[str, Any], key: str, what: str) -> int:
+    value = item.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ShapeError(f"{what}: {key} is not an integer")
+
+
+def _time(item: dict[str, Any], key: str, what: str) -> float | None:
+    value = _str(item, key, what)
+    try:
+        return epoch_seconds(value)
+    except ValueError:
+        raise ShapeError(f"{what}: {key} is not a time") from None
+
+
+def _guid(item: dict[str, Any], key: str, what: str, *, required: bool = False) -> str | None:
+    value = _str(item, key, what)
+    if not value:
+        if required:
+            raise ShapeError(f"{what} without {key}")
+        return None
+    try:
+        return guid_text(value)
+    except ValueError:
+        raise ShapeError(f"{what}: {key} is not a GUID") from None
+
+
+def _sid(item: dict[str, Any], key: str, what: str) -> str | None:
+    try:
+        return sid_text(_str(item, key, what))
+    except ValueError:
+        raise ShapeError(f"{what}: {key} is not a SID") from None
+
+
+def _objects(item: dict[str, Any], key: str, what: str) -> list[dict[str, Any]]:
+    value = item.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(entry, dict) for entry in value):
+        raise ShapeError(f"{what}: {key} is not a list of objects")
+    return value
