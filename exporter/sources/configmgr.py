@@ -1,16 +1,47 @@
 """The ConfigMgr (MECM/SCCM) site database source.
 
-One refresh opens a fresh ODBC connection, runs four queries and closes it again:
+One refresh opens a fresh ODBC connection, runs a handful of queries and closes it again:
 
 1. ``v_Collection``: the configured ``intune_collection_ids`` must exist and be user collections;
-2. ``v_FullCollectionMembership``: the user (ResourceType 4) members of those collections;
-3. ``v_R_User``: every user record, streamed with ``fetchmany`` and converted row by row;
-4. ``v_ComponentSummarizer``: the status of the Intune connector and discovery components.
+2. a change check (PostgreSQL and SQL Server): one aggregate row summarising v_R_User and the
+   memberships; when it equals the one stored with the previous table, only the components are read
+   and the previous table itself is returned, so the engine neither re-evaluates nor rewrites state;
+3. ``v_FullCollectionMembership``: the user (ResourceType 4) members of those collections;
+4. ``v_R_User``: every user record, streamed with ``fetchmany`` into the table builder;
+5. ``v_ComponentSummarizer``: the status of the Intune connector and discovery components.
+
+A full read whose result equals the previous table (every column, the components) also returns the
+previous table, so "nothing changed" costs no evaluation and no state write on any database.
 
 The SQL is deliberately plain (``?`` parameters, no TOP/NOLOCK/brackets) so that the same queries
 run on SQL Server, SQLite and PostgreSQL; column names are matched case-insensitively through
 ``cursor.description`` (the PostgreSQL driver lower-cases them) and every value is normalised in
-Python, whatever type the driver hands back.
+Python, whatever type the driver hands back. Text longer than ``MAX_TEXT_BYTES`` is cut (no
+identifier is that long; garbage can be) and counted in one warning per refresh.
+
+Deadlines: ``refresh(previous, deadline)`` and ``find_related(..., deadline)`` end by ``deadline``.
+Every statement gets the smaller of ``query_timeout`` and the time left, in the form the driver
+honours (measured with the drivers on Debian 12):
+
+- SQL Server drivers (Microsoft, FreeTDS) and others: ``SQL_ATTR_QUERY_TIMEOUT``
+  (``connection.timeout``), whole seconds;
+- PostgreSQL (psqlODBC rejects SQL_ATTR_QUERY_TIMEOUT): ``SET statement_timeout`` before each
+  statement; it also ends waits for a locked table;
+- SQLite (sqliteodbc accepts SQL_ATTR_QUERY_TIMEOUT and ignores it; a locked database waits for the
+  driver's busy timeout, 100 s by default, at connect and again per statement, and SQLCancel does not
+  interrupt that wait): the connection is opened with ``Timeout=1`` and each statement sets
+  ``PRAGMA busy_timeout`` to half its limit, because the driver waits for the busy handler twice
+  (prepare and step).
+
+A watchdog stops the session shortly before the deadline, and :meth:`ConfigMgrSource.abort` (the
+engine calls it from another thread at the deadline) does the same: SQLCancel on the running
+statement (PostgreSQL and SQLite end a running query at once), then, if the statement is still
+blocked a moment later (a server that stopped answering ignores the cancel, and SQLDisconnect waits
+for the blocked call), the connection's TCP socket is shut down, which makes the driver's blocked
+read fail at once. ODBC does not expose that socket, so it is identified when the connection is
+opened: the one stream socket the driver opened meanwhile (Linux ``/proc/self/fd``; where it cannot
+be told apart, only the cancel is tried). Between fetched batches the deadline is checked too. The
+next refresh always opens a new connection.
 
 Bad data policy: a user or component row whose values cannot be converted (a GUID that is not a
 GUID, a date that is not a date, a NULL ResourceID) is skipped, counted in
@@ -20,33 +51,42 @@ the refresh with reason ``data``, as does a configured collection id that does n
 is a device collection.
 
 ``pyodbc`` is imported on first use, so the rest of the exporter runs on a machine without
-unixODBC. Error messages name the server and database, never the connection string or a password.
+unixODBC. Error messages name the server and database; every message goes through the one secret
+mask (the connection string, any password in it, the configured password).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import logging
 import math
 import os
 import re
+import socket
 import threading
+import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
+
+from exporter.columns import MAX_TEXT_BYTES, Blob
 from exporter.config import ConfigMgrConfig
 from exporter.ids import epoch_seconds, guid_bytes, guid_text, sid_text
 from exporter.model import CmComponent, CmTable, CmTableBuilder, CmUser, ErrorReason, SourceData, SourceKind
 from exporter.odbc import attribute_value as _first
 from exporter.odbc import (
     build_connection_string,
-    connection_secrets,
     connection_target,
     parse_connection_string,
 )
+from exporter.secrets import SecretMask
 from exporter.sources.base import ConfigurationError, SourceError
 
 log = logging.getLogger(__name__)
@@ -77,6 +117,15 @@ USER_COLUMNS: tuple[str, ...] = (
 COLLECTION_COLUMNS: tuple[str, ...] = ("CollectionID", "CollectionType")
 MEMBER_COLUMNS: tuple[str, ...] = ("CollectionID", "ResourceID")
 COMPONENT_COLUMNS: tuple[str, ...] = ("SiteCode", "MachineName", "ComponentName", "Status", "TallyInterval")
+# Values per IN (...) list of a look-up: far below SQL Server's 2100 parameters per statement.
+LOOKUP_CHUNK = 200
+
+# Stop this long before the deadline (at most), so that the source's own error, not the engine's
+# "did not finish", reports what was running; a tenth of the budget for short budgets.
+DEADLINE_MARGIN = 1.0
+DEADLINE_MARGIN_SHARE = 0.1
+# After a cancel, how long a blocked statement may take to return before its socket is shut down.
+CANCEL_GRACE = 0.5
 
 
 def _placeholders(count: int) -> str:
@@ -97,11 +146,94 @@ def members_sql(count: int) -> str:
     )
 
 
-USERS_SQL = f"SELECT {', '.join(USER_COLUMNS)} FROM v_R_User"
+def members_of_sql(collections: int, resources: int) -> str:
+    """The memberships of some records only (trace look-ups)."""
+    return members_sql(collections) + f" AND ResourceID IN ({_placeholders(resources)})"
+
+
+# Ordered, so that two reads of unchanged data give identical tables (ResourceID is User_DISC's
+# clustered key in a site database: the order costs SQL Server nothing).
+USERS_SQL = f"SELECT {', '.join(USER_COLUMNS)} FROM v_R_User ORDER BY ResourceID"
 COMPONENTS_SQL = (
     f"SELECT {', '.join(COMPONENT_COLUMNS)} FROM v_ComponentSummarizer"
     f" WHERE ComponentName IN ({_placeholders(len(COMPONENT_NAMES))})"
 )
+
+
+def users_where_sql(condition: str) -> str:
+    return f"SELECT {', '.join(USER_COLUMNS)} FROM v_R_User WHERE {condition}"
+
+
+def text_lookup_sql(column: str, count: int) -> str:
+    """Records whose ``column`` equals one of ``count`` values, case-insensitively (the database's
+    UPPER on both sides, so both are folded the same way)."""
+    return users_where_sql(f"UPPER({column}) IN ({', '.join(['UPPER(?)'] * count)})")
+
+
+def guid_lookup_sql(count: int) -> str:
+    return users_where_sql(f"Object_GUID0 IN ({_placeholders(count)})")
+
+
+# ---------------------------------------------------------------------------- change check
+Dialect = Literal["sqlserver", "postgresql", "sqlite", "other"]
+
+
+def dialect_of(dbms_name: str) -> Dialect:
+    """The SQL dialect from the driver's SQL_DBMS_NAME."""
+    name = dbms_name.casefold()
+    if "sql server" in name:
+        return "sqlserver"
+    if "postgres" in name:
+        return "postgresql"
+    if "sqlite" in name:
+        return "sqlite"
+    return "other"
+
+
+# One aggregate row over every column the source reads: the row count and the sum of a 60-bit
+# (PostgreSQL) or two 32-bit (SQL Server) hashes per row. The sum does not depend on row order;
+# a changed, added or removed row changes it unless two random hashes happen to cancel out.
+_PG_ROW_HASH = "('x' || substr(md5(ROW({columns})::text), 1, 15))::bit(60)::bigint"
+_MSSQL_ROW_HASH = "HASHBYTES('SHA2_256', CONCAT({columns}))"
+
+
+def _mssql_text(column: str) -> str:
+    if column == "Object_GUID0":  # varbinary or uniqueidentifier: hex of the 16 bytes either way
+        return "CONVERT(varchar(40), CAST(Object_GUID0 AS varbinary(16)), 2)"
+    if column == "Creation_Date0":  # CONCAT's own datetime text drops the seconds
+        return "CONVERT(varchar(40), Creation_Date0, 126)"
+    return column
+
+
+def _mssql_fingerprint(table: str, where: str, columns: Sequence[str]) -> str:
+    parts = ", CHAR(31), ".join(_mssql_text(c) for c in columns)
+    return (
+        "SELECT COUNT_BIG(*), SUM(CAST(CAST(SUBSTRING(x.h, 1, 4) AS int) AS bigint)),"
+        " SUM(CAST(CAST(SUBSTRING(x.h, 5, 4) AS int) AS bigint))"
+        f" FROM {table} CROSS APPLY (SELECT {_MSSQL_ROW_HASH.format(columns=parts)} AS h) AS x{where}"
+    )
+
+
+def _pg_fingerprint(table: str, where: str, columns: Sequence[str]) -> str:
+    row_hash = _PG_ROW_HASH.format(columns=", ".join(columns))
+    return f"SELECT COUNT(*), COALESCE(SUM({row_hash}), 0) FROM {table}{where}"
+
+
+def fingerprint_sql(dialect: Dialect, collections: int) -> tuple[str, str] | None:
+    """(users, memberships) change-check statements of a dialect; None where there is none (SQLite
+    has no hash function: there a full read is compared with the previous table instead)."""
+    members = f" WHERE ResourceType = {USER_RESOURCE_TYPE} AND CollectionID IN ({_placeholders(collections)})"
+    if dialect == "postgresql":
+        return (
+            _pg_fingerprint("v_R_User", "", USER_COLUMNS),
+            _pg_fingerprint("v_FullCollectionMembership", members, MEMBER_COLUMNS),
+        )
+    if dialect == "sqlserver":
+        return (
+            _mssql_fingerprint("v_R_User", "", USER_COLUMNS),
+            _mssql_fingerprint("v_FullCollectionMembership", members, MEMBER_COLUMNS),
+        )
+    return None
 
 
 # --------------------------------------------------------------------------- row conversion
@@ -132,7 +264,27 @@ def column_index(
     return {name: positions[name.casefold()] for name in wanted}
 
 
-def _text(value: object, column: str) -> str | None:
+class RowNotes:
+    """What converting the rows of one result set noticed: text values cut to MAX_TEXT_BYTES."""
+
+    __slots__ = ("clipped", "first_clipped")
+
+    def __init__(self) -> None:
+        self.clipped = 0
+        self.first_clipped = ""
+
+
+def clip_text(text: str) -> str:
+    """At most MAX_TEXT_BYTES of UTF-8, cut at a character boundary (as the table builder cuts)."""
+    if len(text) * 4 <= MAX_TEXT_BYTES:  # even four bytes per character fit: the usual case
+        return text
+    encoded = text.encode("utf-8", "surrogatepass")
+    if len(encoded) <= MAX_TEXT_BYTES:
+        return text
+    return encoded[:MAX_TEXT_BYTES].decode("utf-8", "ignore")
+
+
+def _text(value: object, column: str, notes: RowNotes | None = None) -> str | None:
     if value is None:
         return None
     if isinstance(value, bytes | bytearray | memoryview):
@@ -141,7 +293,14 @@ def _text(value: object, column: str) -> str | None:
         except UnicodeDecodeError:
             raise RowError(column, "binary value where text was expected") from None
     text = str(value).strip()
-    return text or None
+    if not text:
+        return None
+    clipped = clip_text(text)
+    if clipped is not text and notes is not None:
+        if not notes.clipped:
+            notes.first_clipped = f"{column}, {len(text.encode('utf-8', 'surrogatepass')):,} bytes"
+        notes.clipped += 1
+    return clipped
 
 
 def _integer(value: object, column: str) -> int | None:
@@ -195,7 +354,12 @@ def cloud_user_id(value: object, column: str = "CloudUserId") -> str | None:
         raise RowError(column, str(exc)) from None
 
 
+MAX_SID_CHARS = 200  # S-1-, the authority and 15 sub-authorities of 10 digits: 184 characters
+
+
 def security_identifier(value: object, column: str = "SID0") -> str | None:
+    if isinstance(value, str) and len(value) > MAX_SID_CHARS:
+        raise RowError(column, f"{len(value):,} characters, longer than any SID")
     try:
         return sid_text(value)
     except ValueError as exc:
@@ -213,15 +377,17 @@ def timestamp(value: object, column: str) -> float | None:
 Members = Mapping[int, tuple[str, ...]]  # ResourceID -> the configured collections it is a member of
 
 
-def user_from_row(values: Sequence[Any], index: dict[str, int], members: Members) -> CmUser:
+def user_from_row(
+    values: Sequence[Any], index: dict[str, int], members: Members, notes: RowNotes | None = None
+) -> CmUser:
     """One v_R_User row as a CmUser; raises RowError when a value cannot be converted."""
     resource_id = _integer(values[index["ResourceID"]], "ResourceID")
     if resource_id is None:
         raise RowError("ResourceID", "NULL")
     return CmUser(
         resource_id=resource_id,
-        unique_user_name=_text(values[index["Unique_User_Name0"]], "Unique_User_Name0"),
-        user_principal_name=_text(values[index["User_Principal_Name0"]], "User_Principal_Name0"),
+        unique_user_name=_text(values[index["Unique_User_Name0"]], "Unique_User_Name0", notes),
+        user_principal_name=_text(values[index["User_Principal_Name0"]], "User_Principal_Name0", notes),
         sid=security_identifier(values[index["SID0"]]),
         object_guid=object_guid(values[index["Object_GUID0"]]),
         creation_date=timestamp(values[index["Creation_Date0"]], "Creation_Date0"),
@@ -306,6 +472,10 @@ _TIMEOUT_MARKERS = (
     "query timeout",
     "login timeout",
     "(20003)",  # FreeTDS: adaptive server connection timed out
+    # SQLite: the busy timeout (the source derives it from the query timeout) ran out while
+    # another connection held the lock.
+    "database is locked",
+    "database table is locked",
 )
 _DATA_MARKERS = (
     "no such table",
@@ -351,13 +521,316 @@ def odbc_error_parts(exc: BaseException) -> tuple[str, str]:
     return "", " ".join(str(a) for a in args) or type(exc).__name__
 
 
-def scrub(text: str, secrets: Iterable[str], limit: int = 400) -> str:
-    """One line of driver text without secrets, at most ``limit`` characters."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "<secret>")
-    text = " ".join(text.split())
+def scrub(text: str, mask: SecretMask, limit: int = 400) -> str:
+    """One line of driver text without secrets (masked before it is cut), at most ``limit`` characters."""
+    text = " ".join(mask.mask(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ------------------------------------------------------------------------- time limits
+class DeadlineReached(Exception):
+    """The refresh's deadline came before the next statement or batch could start."""
+
+
+@dataclass(frozen=True)
+class StatementLimit:
+    seconds: float
+    cause: Literal["query_timeout", "deadline"]
+
+    @property
+    def whole_seconds(self) -> int:
+        """For ODBC attributes that take whole seconds (0 would mean "no limit")."""
+        return max(1, int(self.seconds))
+
+    def describe(self) -> str:
+        if self.cause == "query_timeout":
+            return f"query_timeout {self.seconds:g}s"
+        return f"{self.seconds:.1f}s, the time left before the refresh deadline"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long one refresh or look-up may run; every statement's limit derives from it."""
+
+    query_timeout: float
+    end: float | None  # time.monotonic() by which the session stops; None: no deadline
+    started: float
+
+    @staticmethod
+    def until(deadline: float | None, query_timeout: float) -> Budget:
+        now = time.monotonic()
+        if deadline is None:
+            return Budget(query_timeout, None, now)
+        margin = min(DEADLINE_MARGIN, max(0.0, deadline - now) * DEADLINE_MARGIN_SHARE)
+        return Budget(query_timeout, deadline - margin, now)
+
+    def left(self) -> float | None:
+        return None if self.end is None else self.end - time.monotonic()
+
+    def check(self) -> None:
+        left = self.left()
+        if left is not None and left <= 0:
+            raise DeadlineReached()
+
+    def limit(self) -> StatementLimit:
+        """The limit of the next statement: query_timeout, or less when the deadline is nearer."""
+        left = self.left()
+        if left is None or left >= self.query_timeout:
+            return StatementLimit(self.query_timeout, "query_timeout")
+        if left <= 0:
+            raise DeadlineReached()
+        return StatementLimit(left, "deadline")
+
+    def describe(self) -> str:
+        if self.end is None:
+            return f"query_timeout {self.query_timeout:g}s"
+        return f"{self.end - self.started:.1f}s for the whole operation"
+
+
+# ------------------------------------------------------------------------- the socket
+def _socket_inodes() -> dict[int, int]:
+    """Open socket descriptors of this process and their inodes (Linux; empty elsewhere)."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return {}
+    found: dict[int, int] = {}
+    for name in names:
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:[") and target.endswith("]"):
+            found[int(name)] = int(target[8:-1])
+    return found
+
+
+@dataclass(frozen=True)
+class SocketRef:
+    """The stream socket an ODBC driver opened for one connection, to shut it down at an abort."""
+
+    fd: int
+    inode: int
+
+    def shutdown(self) -> bool:
+        """Shut the socket down so that a read blocked on it fails at once; the driver still owns
+        and closes the descriptor. False when the descriptor no longer is that socket."""
+        try:
+            duplicate = os.dup(self.fd)
+        except OSError:
+            return False
+        try:
+            if os.fstat(duplicate).st_ino != self.inode:
+                return False  # closed and the number reused meanwhile
+            probe = socket.socket(fileno=duplicate)
+            duplicate = -1  # the socket object owns it now
+            try:
+                probe.shutdown(socket.SHUT_RDWR)
+            finally:
+                probe.close()
+            return True
+        except OSError:
+            return False
+        finally:
+            if duplicate >= 0:
+                os.close(duplicate)
+
+
+def new_stream_socket(before: Iterable[int]) -> SocketRef | None:
+    """The one connected stream socket opened since ``before`` (inodes) was taken; None when there
+    is none or several (another thread opened one meanwhile: better no shutdown than a wrong one)."""
+    known = set(before)
+    candidates: list[SocketRef] = []
+    for fd, inode in _socket_inodes().items():
+        if inode in known:
+            continue
+        try:
+            probe = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if probe.type == socket.SOCK_STREAM:
+                probe.getpeername()  # connected (raises otherwise)
+                candidates.append(SocketRef(fd, inode))
+        except OSError:
+            pass
+        finally:
+            probe.close()
+    return candidates[0] if len(candidates) == 1 else None
+
+
+# ------------------------------------------------------------------------- one connection
+StopReason = Literal["deadline", "closed"]
+
+
+class Stopped(Exception):
+    """The session was stopped (deadline or close) before a statement could start."""
+
+
+class Session:
+    """One ODBC connection of one refresh or look-up, bounded by a budget, stoppable from another
+    thread (:meth:`stop`). Only the owning thread runs statements and closes the connection."""
+
+    def __init__(
+        self, pyodbc: ModuleType, connection_string: str, budget: Budget, fetch_size: int, sqlite_driver: bool
+    ) -> None:
+        self.pyodbc = pyodbc
+        self.budget = budget
+        self.phase = "connecting"
+        self.limit: StatementLimit | None = None
+        self.stop_reason: StopReason | None = None
+        self.rows_fetched = 0
+        self.dialect: Dialect = "other"
+        self.dbms = ""
+        self.query_timeout_rejected = False
+        self._connection_string = connection_string
+        self._fetch_size = fetch_size
+        self._sqlite_driver = sqlite_driver
+        self._lock = threading.Lock()
+        self._connection: Any = None
+        self._cursor: Any = None
+        self._socket: SocketRef | None = None
+        self._finished = False
+
+    # -- the owning thread
+    def open(self) -> None:
+        limit = self._start("connecting")
+        text = self._connection_string
+        if self._sqlite_driver:
+            # sqliteodbc waits this long (ms) for a lock at connect and on top of the busy handler
+            # of every statement; PRAGMA busy_timeout then bounds each statement (see _arm).
+            text = with_attribute(text, "Timeout", "1")
+        before = _socket_inodes().values()
+        connection = self.pyodbc.connect(text, timeout=limit.whole_seconds, autocommit=True)
+        with self._lock:
+            self._connection = connection
+        self.dbms = str(connection.getinfo(self.pyodbc.SQL_DBMS_NAME) or "")
+        self.dialect = dialect_of(self.dbms)
+        if self.dialect != "sqlite":
+            self._socket = new_stream_socket(before)
+        self._check_stopped()
+
+    def execute(self, sql: str, params: Sequence[object], phase: str) -> Any:
+        """Run one statement under the current limit; the cursor is cancellable by stop()."""
+        limit = self._start(phase)
+        self._arm(limit)
+        cursor = self._connection.cursor()
+        with self._lock:
+            stopped = self.stop_reason is not None
+            if not stopped:
+                self._cursor = cursor
+        if stopped:
+            _close_quietly(cursor)
+            raise Stopped()
+        cursor.execute(sql, *params)
+        return cursor
+
+    def rows(self, cursor: Any) -> Iterator[Sequence[Any]]:
+        """Stream a result set in batches of fetch_size (no fetchall: the caller converts each row
+        at once and keeps no pyodbc Row); the deadline is checked before every batch."""
+        try:
+            while True:
+                self._check_stopped()
+                self.budget.check()
+                batch = cursor.fetchmany(self._fetch_size)
+                if not batch:
+                    return
+                self.rows_fetched += len(batch)
+                yield from batch
+        finally:
+            with self._lock:
+                self._cursor = None
+            _close_quietly(cursor)
+
+    def single_row(self, sql: str, params: Sequence[object], phase: str) -> tuple[Any, ...]:
+        rows = list(self.rows(self.execute(sql, params, phase)))
+        if len(rows) != 1:
+            raise MalformedResultError(f"{phase}: expected one row, got {len(rows)}")
+        return tuple(rows[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._finished = True
+            cursor, self._cursor = self._cursor, None
+            connection, self._connection = self._connection, None
+        if cursor is not None:
+            _close_quietly(cursor)
+        if connection is not None:
+            _close_quietly(connection)
+
+    def _start(self, phase: str) -> StatementLimit:
+        self.phase = phase
+        self._check_stopped()
+        self.limit = self.budget.limit()
+        return self.limit
+
+    def _check_stopped(self) -> None:
+        if self.stop_reason is not None:
+            raise Stopped()
+
+    def _arm(self, limit: StatementLimit) -> None:
+        """Give the next statement ``limit`` in the form this driver honours (module docstring)."""
+        milliseconds = max(1, int(limit.seconds * 1000))
+        if self.dialect == "postgresql":
+            self._set(f"SET statement_timeout = {milliseconds}")
+        elif self.dialect == "sqlite":
+            self._set(f"PRAGMA busy_timeout = {max(1, milliseconds // 2)}")
+        elif not self.query_timeout_rejected:
+            try:
+                self._connection.timeout = limit.whole_seconds  # SQL_ATTR_QUERY_TIMEOUT of new cursors
+            except self.pyodbc.Error:
+                self.query_timeout_rejected = True
+
+    def _set(self, statement: str) -> None:
+        cursor = self._connection.cursor()
+        with self._lock:
+            self._cursor = cursor
+        try:
+            cursor.execute(statement)
+        finally:
+            with self._lock:
+                self._cursor = None
+            _close_quietly(cursor)
+
+    # -- any thread
+    def stop(self, reason: StopReason) -> None:
+        """Make the running statement end: SQLCancel now, the socket shut down if that is not enough."""
+        with self._lock:
+            if self._finished or self.stop_reason is not None:
+                return
+            self.stop_reason = reason
+            cursor = self._cursor
+        if cursor is not None:
+            # SQLCancel may itself block on a server that stopped answering: never in the caller's
+            # thread (the engine's, or the watchdog that must still shut the socket down).
+            threading.Thread(
+                target=_cancel_quietly, args=(cursor,), name="configmgr-cancel", daemon=True
+            ).start()
+        if self._socket is not None:
+            timer = threading.Timer(CANCEL_GRACE, self._shutdown_if_still_running)
+            timer.daemon = True
+            timer.start()
+
+    def _shutdown_if_still_running(self) -> None:
+        with self._lock:
+            if self._finished or self._socket is None:
+                return
+            sock = self._socket
+        if sock.shutdown():
+            log.debug("shut down the socket of a ConfigMgr connection that ignored the cancel")
+
+
+def with_attribute(connection_string: str, key: str, value: str) -> str:
+    """The connection string with ``key`` set to ``value`` (replacing any such attribute)."""
+    kept = [a.raw for a in parse_connection_string(connection_string) if a.key.upper() != key.upper()]
+    return ";".join([*kept, f"{key}={value}"])
+
+
+def _cancel_quietly(cursor: Any) -> None:
+    try:
+        cursor.cancel()  # SQLCancel: the one ODBC call meant for another thread
+    except Exception:
+        log.debug("cancelling a ConfigMgr query failed", exc_info=True)
 
 
 # ----------------------------------------------------------------------------------- source
@@ -372,50 +845,66 @@ class ConfigMgrSource:
         self._target = connection_target(attributes)
         self._driver = _first(attributes, ("DRIVER",))
         password = config.password.value if config.password is not None else None
-        self._secrets = connection_secrets(attributes, password)
+        self._mask = SecretMask(config.secrets())
         self._connection_string = build_connection_string(
             config.connection_string.value, config.username, password
         )
+        self._mask.add([self._connection_string])
         self._collection_ids = tuple(dict.fromkeys(c.strip().upper() for c in config.intune_collection_ids))
-        self._timeout_seconds = max(1, math.ceil(config.query_timeout))
-        # The lock guards the cursor of the running query and the cancel flag, which close()
-        # uses from another thread. The connection itself only lives inside refresh().
+        self._query_timeout = float(config.query_timeout)
+        # Sessions in progress (a refresh, a look-up), for abort() and close() from other threads.
         self._lock = threading.Lock()
-        self._cursor: Any = None
-        self._cancelled = False
-        self._warned_no_query_timeout = False
+        self._sessions: set[Session] = set()
+        self._warned: set[str] = set()
         self.last_skipped_rows = 0  # rows skipped as unconvertible in the last refresh
+        self.last_clipped_values = 0  # text values cut to MAX_TEXT_BYTES in the last refresh
+        self.last_rows_fetched = 0  # rows fetched by the last refresh or look-up, every statement
+        self.last_change_check: str | None = None  # "unchanged", "changed" or None (not available)
 
     # -- Source protocol
     def describe(self) -> str:
         return f"configmgr {self._target}"
 
     def refresh(self, previous: SourceData | None, deadline: float | None = None) -> CmTable:
-        """Read everything afresh (``previous`` is not needed: one full read is cheap enough)."""
-        with self._lock:
-            self._cancelled = False
+        """Read the site database; return ``previous`` itself when nothing it holds has changed."""
         try:
-            pyodbc = self._load_pyodbc()
-            self._check_driver(pyodbc)
-            return self._read(pyodbc)
+            with self._session(deadline) as session:
+                return self._refresh(session, previous if isinstance(previous, CmTable) else None)
         except SourceError as exc:
             # The engine logs every failed refresh once, with the estate; this is only for tracing.
             log.debug("%s", exc.message)
             raise
 
-    def close(self) -> None:
-        """Cancel a refresh in progress; that refresh then fails and closes its connection.
+    def find_related(
+        self,
+        *,
+        sids: Sequence[str] = (),
+        guids: Sequence[bytes] = (),
+        names: Sequence[str] = (),
+        upns: Sequence[str] = (),
+        deadline: float | None = None,
+    ) -> CmTable:
+        """The records whose SID0 is one of ``sids``, whose Object_GUID0 is one of the 16-byte
+        ``guids`` (AD order), or whose Unique_User_Name0 / User_Principal_Name0 equals one of
+        ``names`` / ``upns`` (case-insensitive), with their memberships of the configured
+        collections and the component rows. Point look-ups with parameters: never a full read."""
+        with self._session(deadline) as session:
+            found = self._find_users(session, sids, guids, names, upns)
+            members = self._read_members_of(session, sorted(found))
+            builder = CmTableBuilder(self._collection_ids)
+            for resource_id in sorted(found):
+                builder.add(dataclasses.replace(found[resource_id], collections=members.get(resource_id, ())))
+            builder.components = list(self._read_components(session))
+            return builder.build()
 
-        Every refresh opens and closes its own connection, so nothing stays open between
-        refreshes, and a later refresh works again.
-        """
-        with self._lock:
-            self._cancelled = True
-            if self._cursor is not None:
-                try:
-                    self._cursor.cancel()  # SQLCancel: the one ODBC call meant for another thread
-                except Exception:
-                    log.debug("%s: cancelling the running query failed", self.describe())
+    def abort(self) -> None:
+        """The refresh deadline passed: stop what runs now (any thread); it fails with ``timeout``."""
+        self._stop_sessions("deadline")
+
+    def close(self) -> None:
+        """Stop a refresh in progress (it fails as cancelled). Every refresh opens and closes its
+        own connection, so nothing stays open between refreshes and a later refresh works again."""
+        self._stop_sessions("closed")
 
     def preflight(self) -> None:
         """Raise ConfigurationError when pyodbc, unixODBC or the named driver is missing, for a
@@ -427,7 +916,7 @@ class ConfigMgrSource:
 
     # -- environment
     def _fail(self, reason: ErrorReason, text: str) -> SourceError:
-        return SourceError(reason, f"{self.describe()}: {text}")
+        return SourceError(reason, self._mask.mask(f"{self.describe()}: {text}"))
 
     def _load_pyodbc(self) -> ModuleType:
         try:
@@ -436,7 +925,7 @@ class ConfigMgrSource:
             detail = str(exc)
             if "libodbc" in detail:
                 raise self._fail("other", "pyodbc cannot load libodbc.so.2: install unixODBC") from None
-            raise self._fail("other", f"pyodbc cannot be imported ({scrub(detail, ())})") from None
+            raise self._fail("other", f"pyodbc cannot be imported ({scrub(detail, self._mask)})") from None
 
     def _check_driver(self, pyodbc: ModuleType) -> None:
         if not self._driver:
@@ -452,97 +941,152 @@ class ConfigMgrSource:
                 "other", f"ODBC driver '{self._driver}' is not installed; installed drivers: {listed}"
             )
 
-    # -- reading
-    def _read(self, pyodbc: ModuleType) -> CmTable:
-        self.last_skipped_rows = 0
-        phase = "connecting"
-        connection: Any = None
-        try:
-            connection = pyodbc.connect(
-                self._connection_string, timeout=self._timeout_seconds, autocommit=True
-            )
-            self._apply_query_timeout(pyodbc, connection)
-            phase = "reading v_Collection"
-            self._check_collections(connection)
-            phase = "reading v_FullCollectionMembership"
-            members = self._read_members(connection)
-            phase = "reading v_R_User"
-            builder = CmTableBuilder(self._collection_ids)
-            self._read_users(connection, members, builder)
-            phase = "reading v_ComponentSummarizer"
-            builder.components = list(self._read_components(connection))
-            table = builder.build()
-            table.meta["read"] = "full"
-            return table.prepare()
-        except pyodbc.Error as exc:
-            raise self._translate(exc, phase) from None
-        except MalformedResultError as exc:
-            raise self._fail("data", str(exc)) from None
-        finally:
-            with self._lock:
-                self._cursor = None
-            if connection is not None:
-                _close_quietly(connection)
+    def _warn_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, self.describe(), *args)
 
-    def _translate(self, exc: BaseException, phase: str) -> SourceError:
+    # -- sessions
+    @contextlib.contextmanager
+    def _session(self, deadline: float | None) -> Iterator[Session]:
+        """An open session bounded by ``deadline``; every failure inside comes out as a SourceError."""
+        pyodbc = self._load_pyodbc()
+        self._check_driver(pyodbc)
+        budget = Budget.until(deadline, self._query_timeout)
+        sqlite_driver = bool(self._driver and "sqlite" in self._driver.casefold())
+        session = Session(pyodbc, self._connection_string, budget, self._config.fetch_size, sqlite_driver)
         with self._lock:
-            cancelled = self._cancelled
-        if cancelled:
+            self._sessions.add(session)
+        watchdog: threading.Timer | None = None
+        if budget.end is not None:
+            # The session ends by its deadline even when nobody calls abort().
+            watchdog = threading.Timer(max(0.0, budget.end - time.monotonic()), session.stop, ("deadline",))
+            watchdog.daemon = True
+            watchdog.start()
+        try:
+            session.open()
+            yield session
+        except SourceError:
+            raise
+        except Exception as exc:
+            error = self._translate(exc, session)
+            if error is None:
+                raise
+            raise error from None
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            with self._lock:
+                self._sessions.discard(session)
+            session.close()
+            self.last_rows_fetched = session.rows_fetched
+            if session.query_timeout_rejected:
+                self._warn_once(
+                    "query-timeout",
+                    "%s: the ODBC driver (%s) rejects a query timeout; statements are bounded by the"
+                    " refresh deadline only (cancel, then the connection is shut down)",
+                    session.dbms or "?",
+                )
+
+    def _stop_sessions(self, reason: StopReason) -> None:
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.stop(reason)
+
+    def _translate(self, exc: BaseException, session: Session) -> SourceError | None:
+        """The SourceError for a failure; None for a bug of ours (it propagates as it is)."""
+        phase, stopped = session.phase, session.stop_reason
+        if stopped == "closed":
             return self._fail("other", f"refresh cancelled while {phase}: the source was closed")
-        sqlstate, text = odbc_error_parts(exc)
-        reason = classify_odbc_error(sqlstate, text, connecting=phase == "connecting")
-        what = _REASON_TEXT[reason]
-        if reason == "timeout" and phase != "connecting":
-            what = f"query timed out (query_timeout {self._timeout_seconds}s)"
-        return self._fail(reason, f"{what} while {phase}: {scrub(text, self._secrets)}")
+        if stopped == "deadline" or isinstance(exc, DeadlineReached | Stopped):
+            return self._fail(
+                "timeout", f"the refresh deadline passed while {phase} ({session.budget.describe()})"
+            )
+        if isinstance(exc, MalformedResultError):
+            return self._fail("data", str(exc))
+        if isinstance(exc, session.pyodbc.Error):
+            sqlstate, text = odbc_error_parts(exc)
+            reason = classify_odbc_error(sqlstate, text, connecting=phase == "connecting")
+            what = _REASON_TEXT[reason]
+            if reason == "timeout" and phase != "connecting" and session.limit is not None:
+                what = f"query timed out ({session.limit.describe()})"
+            return self._fail(reason, f"{what} while {phase}: {scrub(text, self._mask)}")
+        return None
 
-    def _apply_query_timeout(self, pyodbc: ModuleType, connection: Any) -> None:
-        """``connection.timeout`` becomes SQL_ATTR_QUERY_TIMEOUT of every statement. The
-        PostgreSQL driver rejects the attribute, so there the server's statement_timeout does it."""
+    # -- the refresh
+    def _refresh(self, session: Session, previous: CmTable | None) -> CmTable:
+        self._check_collections(session)
+        fingerprint = self._fingerprint(session)
+        comparable = previous is not None and list(previous.collection_ids) == list(self._collection_ids)
+        if previous is not None and comparable and fingerprint is not None:
+            if previous.meta.get("fingerprint") == fingerprint:
+                self.last_change_check = "unchanged"
+                self.last_skipped_rows = self.last_clipped_values = 0
+                return self._with_components(previous, self._read_components(session))
+            self.last_change_check = "changed"
+        table = self._read_everything(session, fingerprint)
+        if previous is not None and comparable and same_content(previous, table):
+            if previous.meta.get("fingerprint") == table.meta.get("fingerprint"):
+                return previous
+            # The same records, a new fingerprint to compare the next refresh with.
+            return previous.derive(previous.columns(), meta={**previous.meta, **table.meta}).prepare()
+        return table.prepare()
+
+    def _with_components(self, previous: CmTable, components: tuple[CmComponent, ...]) -> CmTable:
+        if components == previous.components:
+            return previous
+        meta = {**previous.meta, "components": _component_meta(components), "read": "incremental"}
+        return previous.derive(previous.columns(), meta=meta).prepare()
+
+    def _read_everything(self, session: Session, fingerprint: str | None) -> CmTable:
+        members = self._read_members(session)
+        builder = CmTableBuilder(self._collection_ids)
+        self._read_users(session, members, builder)
+        builder.components = list(self._read_components(session))
+        table = builder.build()
+        table.meta["read"] = "full"
+        if fingerprint is not None:
+            table.meta["fingerprint"] = fingerprint
+        return table
+
+    def _fingerprint(self, session: Session) -> str | None:
+        """The change check's result, or None where the database has none or the check failed
+        (then this refresh reads everything, which is always correct; the warning comes once)."""
+        statements = fingerprint_sql(session.dialect, len(self._collection_ids))
+        if statements is None or not self._collection_ids:
+            return None
+        users_sql, members_fingerprint_sql = statements
         try:
-            connection.timeout = self._timeout_seconds
-            return
-        except pyodbc.Error:
-            pass
-        dbms = str(connection.getinfo(pyodbc.SQL_DBMS_NAME) or "")
-        if dbms.casefold() == "postgresql":
-            connection.execute(f"SET statement_timeout = {self._timeout_seconds * 1000}")
-        elif not self._warned_no_query_timeout:
-            self._warned_no_query_timeout = True
-            log.warning("%s: the ODBC driver does not support a query timeout (%s)", self.describe(), dbms)
+            users = session.single_row(users_sql, (), "checking v_R_User for changes")
+            members = session.single_row(
+                members_fingerprint_sql,
+                self._collection_ids,
+                "checking v_FullCollectionMembership for changes",
+            )
+        except session.pyodbc.Error as exc:
+            sqlstate, text = odbc_error_parts(exc)
+            if session.stop_reason is not None or classify_odbc_error(sqlstate, text, False) not in (
+                "data",
+                "other",
+            ):
+                raise
+            self._warn_once(
+                "fingerprint",
+                "%s: the change check does not run on this database (%s); every refresh reads everything",
+                scrub(text, self._mask, 200),
+            )
+            return None
+        return f"{session.dialect}:" + ":".join(str(value) for value in (*users, *members))
 
-    def _execute(self, connection: Any, sql: str, params: Sequence[object]) -> Any:
-        cursor = connection.cursor()
-        with self._lock:
-            if self._cancelled:
-                cursor.close()
-                raise self._fail("other", "refresh cancelled: the source was closed")
-            self._cursor = cursor
-        cursor.execute(sql, *params)
-        return cursor
-
-    def _rows(self, cursor: Any) -> Iterator[Sequence[Any]]:
-        """Stream a result set in batches of fetch_size; the caller converts each row at once
-        and keeps no pyodbc Row."""
-        try:
-            while True:
-                batch = cursor.fetchmany(self._config.fetch_size)
-                if not batch:
-                    return
-                yield from batch
-        finally:
-            with self._lock:
-                self._cursor = None
-            _close_quietly(cursor)
-
-    def _check_collections(self, connection: Any) -> None:
+    def _check_collections(self, session: Session) -> None:
         ids = self._collection_ids
         if not ids:
             return  # the config requires at least one; an empty IN () would not even parse
-        cursor = self._execute(connection, collections_sql(len(ids)), ids)
+        cursor = session.execute(collections_sql(len(ids)), ids, "reading v_Collection")
         index = column_index(cursor.description, COLLECTION_COLUMNS, "v_Collection")
         found: dict[str, object] = {}
-        for row in self._rows(cursor):
+        for row in session.rows(cursor):
             collection_id = _text(row[index["CollectionID"]], "CollectionID")
             if collection_id is not None:
                 found[collection_id.upper()] = row[index["CollectionType"]]
@@ -562,18 +1106,33 @@ class ConfigMgrSource:
                 raise self._fail(
                     "data",
                     f"intune collection {collection_id} is not a user collection "
-                    f"(CollectionType {found[collection_id]!r})",
+                    f"(CollectionType {_short(found[collection_id])})",
                 )
 
-    def _read_members(self, connection: Any) -> Members:
+    def _read_members(self, session: Session) -> Members:
         ids = self._collection_ids
         if not ids:
             return {}
-        cursor = self._execute(connection, members_sql(len(ids)), ids)
+        cursor = session.execute(members_sql(len(ids)), ids, "reading v_FullCollectionMembership")
+        return self._collect_members(session, cursor)
+
+    def _read_members_of(self, session: Session, resource_ids: Sequence[int]) -> Members:
+        ids = self._collection_ids
+        members: dict[int, tuple[str, ...]] = {}
+        if not ids:
+            return members
+        for chunk in _chunks(resource_ids, LOOKUP_CHUNK):
+            cursor = session.execute(
+                members_of_sql(len(ids), len(chunk)), (*ids, *chunk), "reading v_FullCollectionMembership"
+            )
+            members.update(self._collect_members(session, cursor))
+        return members
+
+    def _collect_members(self, session: Session, cursor: Any) -> Members:
         index = column_index(cursor.description, MEMBER_COLUMNS, "v_FullCollectionMembership")
         members: dict[int, set[str]] = {}
         skipped = 0
-        for row in self._rows(cursor):
+        for row in session.rows(cursor):
             try:
                 resource_id = _integer(row[index["ResourceID"]], "ResourceID")
                 collection = _text(row[index["CollectionID"]], "CollectionID")
@@ -590,20 +1149,22 @@ class ConfigMgrSource:
             )
         return {rid: tuple(sorted(names)) for rid, names in members.items()}
 
-    def _read_users(self, connection: Any, members: Members, users: CmTableBuilder) -> None:
+    def _read_users(self, session: Session, members: Members, users: CmTableBuilder) -> None:
         """Stream v_R_User into the table builder (no list of records is ever held)."""
-        cursor = self._execute(connection, USERS_SQL, ())
+        cursor = session.execute(USERS_SQL, (), "reading v_R_User")
         index = column_index(cursor.description, USER_COLUMNS, "v_R_User")
+        notes = RowNotes()
         skipped = 0
         first_problem = ""
-        for row in self._rows(cursor):
+        for row in session.rows(cursor):
             try:
-                users.add(user_from_row(row, index, members))
+                users.add(user_from_row(row, index, members, notes))
             except RowError as exc:
                 skipped += 1
                 if not first_problem:
                     first_problem = f"ResourceID {_short(row[index['ResourceID']])}, {_short(str(exc), 200)}"
         self.last_skipped_rows = skipped
+        self.last_clipped_values = notes.clipped
         if skipped and not users.rows:
             raise self._fail(
                 "data", f"none of the {skipped} v_R_User rows could be converted (first: {first_problem})"
@@ -613,15 +1174,23 @@ class ConfigMgrSource:
                 "%s: skipped %d v_R_User rows that could not be converted (first: %s)",
                 self.describe(),
                 skipped,
-                first_problem,
+                self._mask.mask(first_problem),
+            )
+        if notes.clipped:
+            log.warning(
+                "%s: cut %d v_R_User text values to %d bytes (first: %s)",
+                self.describe(),
+                notes.clipped,
+                MAX_TEXT_BYTES,
+                notes.first_clipped,
             )
 
-    def _read_components(self, connection: Any) -> tuple[CmComponent, ...]:
-        cursor = self._execute(connection, COMPONENTS_SQL, COMPONENT_NAMES)
+    def _read_components(self, session: Session) -> tuple[CmComponent, ...]:
+        cursor = session.execute(COMPONENTS_SQL, COMPONENT_NAMES, "reading v_ComponentSummarizer")
         index = column_index(cursor.description, COMPONENT_COLUMNS, "v_ComponentSummarizer")
         rows: list[ComponentRow] = []
         skipped = 0
-        for row in self._rows(cursor):
+        for row in session.rows(cursor):
             try:
                 rows.append(component_row(row, index))
             except RowError:
@@ -634,6 +1203,107 @@ class ConfigMgrSource:
             )
         self.last_skipped_rows += skipped
         return select_components(rows)
+
+    # -- trace look-ups
+    def _find_users(
+        self,
+        session: Session,
+        sids: Sequence[str],
+        guids: Sequence[bytes],
+        names: Sequence[str],
+        upns: Sequence[str],
+    ) -> dict[int, CmUser]:
+        found: dict[int, CmUser] = {}
+        for column, values in (
+            ("SID0", _distinct(sids)),
+            ("Unique_User_Name0", _distinct(names)),
+            ("User_Principal_Name0", _distinct(upns)),
+        ):
+            for chunk in _chunks(values, LOOKUP_CHUNK):
+                sql = text_lookup_sql(column, len(chunk))
+                self._collect_users(session, sql, chunk, f"looking up v_R_User by {column}", found)
+        raw = [g for g in dict.fromkeys(bytes(g) for g in guids) if len(g) == 16]
+        for forms, what in ((raw, "binary"), ([t for g in raw for t in _guid_text_forms(g)], "GUID text")):
+            for chunk in _chunks(forms, LOOKUP_CHUNK):
+                self._collect_guid_matches(session, chunk, what, found)
+        return found
+
+    def _collect_guid_matches(
+        self, session: Session, values: Sequence[bytes], what: str, found: dict[int, CmUser]
+    ) -> None:
+        """Object_GUID0 compared with binary parameters. A driver or column type that cannot compare
+        them (an error of class data/other) is tolerated: the records found by the other keys are
+        still returned, and the evaluation matches their GUIDs in Python."""
+        try:
+            self._collect_users(
+                session,
+                guid_lookup_sql(len(values)),
+                values,
+                f"looking up v_R_User by Object_GUID0 ({what})",
+                found,
+            )
+        except session.pyodbc.Error as exc:
+            sqlstate, text = odbc_error_parts(exc)
+            if session.stop_reason is not None or classify_odbc_error(sqlstate, text, False) not in (
+                "data",
+                "other",
+            ):
+                raise
+            log.debug("%s: Object_GUID0 cannot be compared with %s values: %s", self.describe(), what, text)
+
+    def _collect_users(
+        self, session: Session, sql: str, params: Sequence[object], phase: str, found: dict[int, CmUser]
+    ) -> None:
+        cursor = session.execute(sql, params, phase)
+        index = column_index(cursor.description, USER_COLUMNS, "v_R_User")
+        for row in session.rows(cursor):
+            try:
+                user = user_from_row(row, index, {})
+            except RowError as exc:
+                log.warning("%s: a matching v_R_User row cannot be converted: %s", self.describe(), exc)
+                continue
+            found.setdefault(user.resource_id, user)
+
+
+def _component_meta(components: Iterable[CmComponent]) -> list[list[object]]:
+    return [[c.site_code, c.machine_name, c.component_name, c.status] for c in components]
+
+
+def same_content(first: CmTable, second: CmTable) -> bool:
+    """Whether two tables hold the same records, memberships and components (bit for bit)."""
+    if first.n != second.n or first.collection_ids != second.collection_ids:
+        return False
+    if first.components != second.components:
+        return False
+    for column in CmTable.COLUMNS:
+        a, b = first.column(column.name), second.column(column.name)
+        if isinstance(a, Blob) and isinstance(b, Blob):
+            if a.data != b.data or not np.array_equal(a.offsets, b.offsets):
+                return False
+            if not np.array_equal(a.null_mask(), b.null_mask()):
+                return False
+        elif isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+            # Bytes, not values: NaN (an unknown time) equals itself here.
+            if a.dtype != b.dtype or a.tobytes() != b.tobytes():
+                return False
+        else:
+            return False
+    return True
+
+
+def _distinct(values: Iterable[str | None]) -> list[str]:
+    return list(dict.fromkeys(v.strip() for v in values if v and v.strip()))
+
+
+def _guid_text_forms(raw: bytes) -> list[bytes]:
+    """GUID text as a database may store it in a binary or text column (ASCII bytes)."""
+    text = str(uuid.UUID(bytes_le=raw))
+    return [form.encode("ascii") for form in ("{" + text.upper() + "}", text.upper(), text, "{" + text + "}")]
+
+
+def _chunks(values: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
 
 
 def _close_quietly(handle: Any) -> None:
@@ -658,8 +1328,10 @@ __all__ = [
     "column_index",
     "component_row",
     "connection_target",
+    "fingerprint_sql",
     "object_guid",
     "parse_connection_string",
+    "same_content",
     "select_components",
     "user_from_row",
 ]

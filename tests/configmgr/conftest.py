@@ -8,7 +8,7 @@ it runs against both.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,24 @@ class DatabaseFactory:
         self.backend = backend
         self.directory = directory
         self.server = server
+
+    def connect(self, name: str) -> Any:
+        """A DB-API connection (``?`` parameters on both backends) to change a database the tests
+        created: the stdlib sqlite3 module for SQLite, pyodbc for PostgreSQL. Commit explicitly."""
+        if self.backend == "sqlite":
+            return sqlite3.connect(self.directory / f"{name}.sqlite", timeout=30)
+        assert self.server is not None
+        import pyodbc
+
+        return pyodbc.connect(self.server.connection_string(name), timeout=10)
+
+    def change(self, name: str, *statements: tuple[str, Sequence[object]]) -> None:
+        """Run statements (SQL, parameters) in one committed transaction."""
+        with closing(self.connect(name)) as connection:
+            cursor = connection.cursor()
+            for sql, params in statements:
+                cursor.execute(sql, params)
+            connection.commit()
 
     def create(self, name: str, fill: Fill) -> str:
         """Build a database, fill it and return the ODBC connection string the source uses."""
