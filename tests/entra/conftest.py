@@ -88,7 +88,9 @@ class Harness:
         config = config or self.config()
         return EntraUsersSource(config, client or self.client(config), **options)
 
-    def devices(self, config: EntraConfig | None = None, client: GraphClient | None = None) -> IntuneDevicesSource:
+    def devices(
+        self, config: EntraConfig | None = None, client: GraphClient | None = None
+    ) -> IntuneDevicesSource:
         config = config or self.config()
         return IntuneDevicesSource(config, client or self.client(config))
 

@@ -60,7 +60,11 @@ def test_cloud_only_users_are_kept_and_marked(sim: GraphSimulator, entra: Harnes
     ]
     table = entra.users().refresh(None)
     synced = {table.id_text(row): bool(table.array("synced")[row]) for row in range(table.n)}
-    assert synced == {tenant_data.user_id(0): True, tenant_data.user_id(1): False, tenant_data.user_id(2): True}
+    assert synced == {
+        tenant_data.user_id(0): True,
+        tenant_data.user_id(1): False,
+        tenant_data.user_id(2): True,
+    }
     cloud = table.record(table.row_of_id(tenant_data.user_id(1)) or 0)
     assert cloud.on_premises_immutable_id is None and cloud.on_premises_security_identifier is None
 
@@ -96,8 +100,12 @@ def test_synced_user_is_normalised(sim: GraphSimulator, entra: Harness) -> None:
 
 def test_licence_states_and_usage_location(sim: GraphSimulator, entra: Harness) -> None:
     states = [
-        tenant_data.license_state(tenant_data.INTUNE_A_SKU, state="Error", error="CountViolation",
-                                  group=tenant_data.INTUNE_USERS_GROUP.upper()),
+        tenant_data.license_state(
+            tenant_data.INTUNE_A_SKU,
+            state="Error",
+            error="CountViolation",
+            group=tenant_data.INTUNE_USERS_GROUP.upper(),
+        ),
         tenant_data.license_state(tenant_data.E3_SKU, disabled=(tenant_data.TEAMS_PLAN,), updated=None),
     ]
     sim.tenants[tenant_data.TENANT_ID].users = [
