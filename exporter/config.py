@@ -958,6 +958,15 @@ class EstateConfig(_Section):
             ]
         elif not any(key in data for key in sources):
             problems.append(((), "configure at least one of " + ", ".join(sources)))
+        entra = data.get("entra")
+        if pipeline == "cloud" and isinstance(entra, dict):
+            # The cloud chain needs subscribedSkus (which licences grant Intune) and the devices.
+            for key, why in (
+                ("licenses", "subscribedSkus decide which licences grant Intune"),
+                ("devices", "enrolled and compliant devices are stages of the chain"),
+            ):
+                if entra.get(key) is False:
+                    problems.append((("entra", key), f"must be true for pipeline: cloud ({why})"))
         return problems
 
 

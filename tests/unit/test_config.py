@@ -629,3 +629,30 @@ def test_every_key_is_documented():
     for section in sections:
         for name, prop in section["properties"].items():
             assert prop.get("description"), name
+
+
+def test_cloud_estate_needs_licences_and_devices_from_entra(tmp_path):
+    """The cloud chain's stages need subscribedSkus and managed devices: turning them off is an error."""
+    import textwrap
+
+    from exporter.config import ConfigError, load_config
+
+    path = tmp_path / "config.yml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            estates:
+              - name: northwind
+                pipeline: cloud
+                active_directory: {url: "ldaps://dc1:636", bind_user: a@b, bind_password: x, search_bases: ["DC=x"]}
+                entra: {tenant_id: t, client_id: c, client_secret: s, licenses: false, devices: false}
+            """
+        )
+    )
+    try:
+        load_config(path, environ={})
+    except ConfigError as exc:
+        assert "estates[0].entra.licenses: must be true for pipeline: cloud" in "\n".join(exc.problems)
+        assert any(p.startswith("estates[0].entra.devices: must be true") for p in exc.problems)
+    else:
+        raise AssertionError("accepted a cloud estate without licences and devices")
