@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ from exporter.sources.ad import (
     user_attributes,
 )
 from exporter.sources.ad_ldap import LdapSession
+from exporter.sources.ad_sync import DcState, RootDse, Scope, full_read_reason, untracked_filter_reason
+from exporter.sources.ad_trace import domain_root, guid_from_text, parse_query
 from exporter.sources.base import ConfigurationError, SourceError
 from tests.ad.fake_ldap import SEARCH_REQUEST, Request, fake_ldap, search_done, search_entry, serve_searches
 
@@ -600,3 +603,101 @@ def test_complete_search_from_the_fake_server_is_read() -> None:
         table = source.refresh(None, deadline=time.monotonic() + 10)
     assert [user.sam_account_name for user in users_of(table)] == ["anna"]
     assert table.meta["entries_read"] == 1
+
+
+# ------------------------------------------------------------------------------ trace queries
+def test_guid_text_forms() -> None:
+    raw = uuid.UUID("8f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0").bytes_le
+    for text in (
+        "8f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+        "{8F1E2D3C-4B5A-6978-8796-A5B4C3D2E1F0}",
+        " {8f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0} ",
+    ):
+        assert guid_from_text(text) == raw
+    for text in ("{8f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0", "8f1e2d3c4b5a69788796a5b4c3d2e1f0", "jdoe", ""):
+        assert guid_from_text(text) is None
+
+
+def test_query_terms_are_escaped_byte_by_byte() -> None:
+    guid = bytes(range(16))
+    query = parse_query("j*doe)(x", [SID], [guid], "CONTOSO", "ldaps://dc01")
+    terms = query.terms()
+    assert "(userPrincipalName=j\\2adoe\\29\\28x)" in terms and "(sAMAccountName=j\\2adoe\\29\\28x)" in terms
+    assert "(objectGUID=" + "".join(f"\\{b:02x}" for b in guid) + ")" in terms
+    sid_term = "(objectSid=" + "".join(f"\\{b:02x}" for b in sid_to_bytes(SID)) + ")"
+    assert sid_term in terms
+
+
+def test_domain_form_matches_sam_only_and_checks_the_domain() -> None:
+    assert parse_query("contoso\\JDoe", [], [], "CONTOSO", "x").terms() == ["(sAMAccountName=JDoe)"]
+    other = parse_query("FABRIKAM\\jdoe", [], [], "CONTOSO", "ldaps://dc01")
+    assert other.terms() == []
+    assert other.notes == ["FABRIKAM\\jdoe: FABRIKAM is not the NetBIOS domain CONTOSO of ldaps://dc01"]
+
+
+def test_bad_sid_is_a_note_not_a_filter() -> None:
+    query = parse_query(None, ["S-1-5-x"], [], "CONTOSO", "x")
+    assert query.terms() == [] and query.notes == ["S-1-5-x: not a SID"]
+
+
+def test_domain_root_without_default_naming_context() -> None:
+    root = RootDse(default_nc=None, config_nc=None, service=None, usn=None, show_deleted=False)
+    assert domain_root(root, ["OU=Staff, DC=contoso,DC=com"]) == "DC=contoso,DC=com"
+
+
+# ------------------------------------------------------------------------- incremental plan
+def _scope() -> Scope:
+    return Scope((BASE,), "(objectClass=user)", "objectGUID", "CONTOSO", 1000)
+
+
+def _previous(**meta: Any) -> AdTable:
+    return AdTable.from_records((), "CONTOSO").derive(AdTable.empty().columns(), None, meta)
+
+
+DC = DcState("CN=NTDS Settings,CN=DC01,CN=Servers", "ab" * 16, 5000)
+
+
+def test_incremental_continues_from_matching_state() -> None:
+    previous = _previous(dc=DC.to_meta(), scope=_scope().fingerprint(), containers=[])
+    assert full_read_reason(previous, replace(DC, usn=5100), _scope()) is None
+    assert full_read_reason(previous, DC, _scope()) is None  # nothing committed since
+
+
+@pytest.mark.parametrize(
+    ("meta", "dc", "fragment"),
+    [
+        ({"dc": "garbage"}, DC, "no incremental state"),
+        ({"dc": {**DC.to_meta(), "usn": "5000"}}, DC, "no incremental state"),  # a damaged state file
+        ({"dc": DC.to_meta(), "scope": "other"}, DC, "changed"),
+        (
+            {"dc": DC.to_meta()},
+            replace(DC, service="CN=NTDS Settings,CN=DC02,CN=Servers"),
+            "another domain controller",
+        ),
+        ({"dc": DC.to_meta()}, replace(DC, invocation_id="cd" * 16), "restored"),
+        ({"dc": DC.to_meta()}, replace(DC, usn=4999), "backwards"),
+        ({"dc": DC.to_meta(), "containers": "x"}, DC, "container"),
+    ],
+)
+def test_full_read_reasons(meta: dict[str, Any], dc: DcState, fragment: str) -> None:
+    meta = {"scope": _scope().fingerprint(), "containers": [], **meta}
+    reason = full_read_reason(_previous(**meta), dc, _scope())
+    assert reason is not None and fragment in reason
+
+
+def test_no_previous_or_no_dc_state_reads_everything() -> None:
+    assert full_read_reason(None, DC, _scope()) is not None
+    previous = _previous(dc=DC.to_meta(), scope=_scope().fingerprint(), containers=[])
+    assert full_read_reason(previous, None, _scope()) is not None
+
+
+@pytest.mark.parametrize(
+    ("user_filter", "untracked"),
+    [
+        ("(&(objectClass=user)(memberOf=CN=Intune,OU=Groups,DC=contoso,DC=com))", True),
+        ("(memberof:1.2.840.113556.1.4.1941:=CN=Intune,DC=contoso,DC=com)", True),
+        ("(&(objectCategory=person)(!(userAccountControl:1.2.840.113556.1.4.803:=2)))", False),
+    ],
+)
+def test_filters_uSNChanged_cannot_follow(user_filter: str, untracked: bool) -> None:
+    assert (untracked_filter_reason(user_filter) is not None) is untracked
