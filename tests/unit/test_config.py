@@ -290,7 +290,7 @@ CLOUD_ESTATE = textwrap.dedent(
           tenant_id: t
           client_id: c
           client_secret: s-12345
-          devices: false
+          devices: true
           group_names: "no"
         intune_service_plans: [INTUNE_A]
         compliant_states: [compliant, configManager]
@@ -310,7 +310,7 @@ def test_cloud_estate_with_its_keys_and_pipeline_defaults(tmp_path):
     assert estate.intune_service_plans == ("INTUNE_A",)
     assert estate.compliant_states == ("compliant", "configManager")
     assert estate.device_stale_after == 14 * 86400
-    assert estate.entra.devices is False and estate.entra.group_names is False
+    assert estate.entra.devices is True and estate.entra.group_names is False
     assert dict(estate.stuck_after) == {**CLOUD.default_stuck_after, "intune_licensed": 2 * 86400}
     assert "0123456789abcdef0123" in config.secrets()
 
