@@ -83,6 +83,9 @@ class RootDse:
     service: str | None  # dsServiceName: the DN of the DC's NTDS Settings object
     usn: int | None  # highestCommittedUSN
     show_deleted: bool  # the Show Deleted control is supported
+    # Not an AD rootDSE attribute: directories that imitate AD for tests and benchmarks (OpenLDAP
+    # with a rootDSE file) publish it here, having no NTDS Settings object.
+    invocation_id: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,7 @@ def read_root(session: LdapSession) -> RootDse:
         "dsServiceName",
         "highestCommittedUSN",
         "supportedControl",
+        "invocationId",
     ]
     try:
         raw = session.read("", attributes) or {}
@@ -132,6 +136,7 @@ def read_root(session: LdapSession) -> RootDse:
         service=text_value(raw, "dsServiceName"),
         usn=usn,
         show_deleted=SHOW_DELETED in controls,
+        invocation_id=first_value(raw, "invocationId"),
     )
 
 
@@ -140,7 +145,7 @@ def read_dc_state(session: LdapSession, root: RootDse) -> tuple[DcState | None, 
     if root.usn is None or not root.service:
         return None, "the rootDSE has no highestCommittedUSN/dsServiceName (not an Active Directory DC?)"
     ntds = session.read(root.service, ["invocationId"])
-    invocation = first_value(ntds or {}, "invocationId")
+    invocation = first_value(ntds or {}, "invocationId") or root.invocation_id
     if invocation is None:
         return None, f"the invocationId of {root.service} cannot be read by the bind account"
     return DcState(root.service, invocation.hex(), root.usn), ""

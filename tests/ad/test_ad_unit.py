@@ -701,3 +701,105 @@ def test_no_previous_or_no_dc_state_reads_everything() -> None:
 )
 def test_filters_uSNChanged_cannot_follow(user_filter: str, untracked: bool) -> None:
     assert (untracked_filter_reason(user_filter) is not None) is untracked
+
+
+# ------------------------------------------------ incremental against an AD imitation (OpenLDAP)
+class ImitationDirectory:
+    """A directory that imitates AD the way the OpenLDAP benchmark setup does: uSNChanged on
+    entries, highestCommittedUSN/dsServiceName/invocationId in the rootDSE, no NTDS Settings
+    object, no defaultNamingContext, no Show Deleted control."""
+
+    SERVICE = "CN=NTDS Settings,CN=LDAP1,CN=Servers,CN=Default-First-Site-Name,CN=Sites,CN=Configuration"
+
+    def __init__(self) -> None:
+        self.usn = 100
+        self.users: dict[str, tuple[bytes, int, bool]] = {}  # sam -> (guid, uSNChanged, enabled)
+        self.ou_guid = guid()
+        self.seen: list[str] = []
+
+    def change(self, sam: str, enabled: bool = True) -> None:
+        self.usn += 1
+        known = self.users.get(sam)
+        self.users[sam] = (known[0] if known else guid(), self.usn, enabled)
+
+    def _entry(self, sam: str) -> bytes:
+        object_guid, _, _ = self.users[sam]
+        return search_entry(
+            f"CN={sam},{BASE}",
+            {
+                "objectGUID": [object_guid],
+                "objectSid": [sid_to_bytes(f"{SID[:-4]}{1000 + len(sam)}")],
+                "sAMAccountName": [sam.encode()],
+            },
+        )
+
+    def answer(self, request: Request) -> list[bytes]:
+        body, base = request.body, request.search_base
+        since = 0
+        if b"uSNChanged" in body:
+            since = self.usn_asked(body)
+        if base == "":
+            self.seen.append("rootDSE")
+            root = {
+                "highestCommittedUSN": [str(self.usn).encode()],
+                "dsServiceName": [self.SERVICE.encode()],
+                "invocationId": [b"\x01" * 16],
+            }
+            return [search_entry("", root), search_done(0)]
+        if base == self.SERVICE:
+            return [search_done(32, "no such object")]
+        if b"organizationalUnit" in body:
+            self.seen.append("containers" + (" changed" if since else ""))
+            entries = [] if since else [search_entry(BASE, {"objectGUID": [self.ou_guid]})]
+            return [*entries, search_done(0)]
+        wants_users = b"sAMAccountName" in body
+        self.seen.append(
+            ("users" if wants_users else "changed objects") + (f" since {since}" if since else "")
+        )
+        found = [
+            sam
+            for sam, (_, changed, enabled) in self.users.items()
+            if changed >= since and (enabled or not wants_users)
+        ]
+        if wants_users:
+            return [*(self._entry(sam) for sam in found), search_done(0)]
+        return [
+            *(search_entry(f"CN={sam},{BASE}", {"objectGUID": [self.users[sam][0]]}) for sam in found),
+            search_done(0),
+        ]
+
+    @staticmethod
+    def usn_asked(body: bytes) -> int:
+        # The assertion value follows the attribute name in the BER filter: 04 len "uSNChanged" 04 len value.
+        at = body.index(b"uSNChanged") + len(b"uSNChanged")
+        length = body[at + 1]
+        return int(body[at + 2 : at + 2 + length])
+
+
+def test_incremental_read_against_an_ad_imitation() -> None:
+    directory = ImitationDirectory()
+    for sam in ("anna", "bob"):
+        directory.change(sam)
+    with fake_ldap(serve_searches(directory.answer)) as server:
+        source = ActiveDirectorySource(
+            config(
+                url=f"ldap://127.0.0.1:{server.port}",
+                netbios_domain="CONTOSO",
+                user_filter="(objectClass=user)",
+            )
+        )
+        first = source.refresh(None, deadline=time.monotonic() + 10)
+        assert first.meta["read"] == "full" and first.meta["deletions"] == "next full read"
+        assert first.meta["dc"] == {
+            "service": ImitationDirectory.SERVICE,
+            "invocation_id": "01" * 16,
+            "usn": 102,
+        }
+        directory.change("bob", enabled=False)
+        directory.change("carol")
+        directory.seen.clear()
+        second = source.refresh(first, deadline=time.monotonic() + 10)
+    assert second.meta["read"] == "incremental"
+    assert sorted(u.sam_account_name for u in users_of(second)) == ["anna", "carol"]
+    assert directory.seen == ["rootDSE", "changed objects since 103", "containers changed", "users since 103"]
+    assert second.meta["entries_read"] == 1 + 2 + 0 + 1  # rootDSE, bob and carol changed, carol in scope
