@@ -242,7 +242,7 @@ class ActiveDirectorySource:
             if reason is None and before is not None and dc is not None:
                 table = self._incremental(session, root, scope, dc, before)
             else:
-                if before is not None:
+                if before is not None and dc is not None:  # (no DC state: explained once above)
                     log.info("Active Directory %s: full read (%s)", self.endpoint, reason)
                 table = self._full(session, root, scope, dc)
             table.meta[META_ENTRIES_READ] = session.entries_read
