@@ -41,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -88,6 +89,7 @@ EVENTUAL = {"ConsistencyLevel": "eventual"}
 # $filter on these needs the advanced query parameters (Microsoft's table of filterable user
 # properties); the others take eq/in by default.
 _ADVANCED_FILTER = frozenset({"onPremisesImmutableId"})
+_SID = re.compile(r"^S-1-\d+(-\d+)+$")
 _UNSUPPORTED_QUERY = frozenset({"Request_UnsupportedQuery", "Request_BadRequest"})
 
 __all__ = [
@@ -395,7 +397,7 @@ class EntraUsersSource(GraphSource):
         keys = (
             ("id", _valid(ids, guid_text)),
             ("userPrincipalName", _unique(u.strip() for u in upns)),
-            ("onPremisesSecurityIdentifier", _valid(sids, sid_text)),
+            ("onPremisesSecurityIdentifier", _valid(sids, _sid)),
             ("onPremisesImmutableId", _unique(i.strip() for i in immutable_ids)),
         )
         found: dict[str, EntraUser] = {}
@@ -515,6 +517,13 @@ def _held_users(held: EntraTable, user_ids: Sequence[str]) -> dict[str, EntraUse
 
 def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _sid(value: object) -> str | None:
+    text = sid_text(value)
+    if text is not None and not _SID.match(text):
+        raise ValueError(f"not a SID: {value!r}")
+    return text
 
 
 def _odata_string(value: str) -> str:
