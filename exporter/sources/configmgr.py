@@ -28,10 +28,10 @@ honours (measured with the drivers on Debian 12):
 - PostgreSQL (psqlODBC rejects SQL_ATTR_QUERY_TIMEOUT): ``SET statement_timeout`` before each
   statement; it also ends waits for a locked table;
 - SQLite (sqliteodbc accepts SQL_ATTR_QUERY_TIMEOUT and ignores it; a locked database waits for the
-  driver's busy timeout, 100 s by default, at connect and again per statement, and SQLCancel does not
-  interrupt that wait): the connection is opened with ``Timeout=1`` and each statement sets
-  ``PRAGMA busy_timeout`` to half its limit, because the driver waits for the busy handler twice
-  (prepare and step).
+  driver's busy timeout, 100 s by default, at connect and again (once or twice) per statement, and
+  SQLCancel does not interrupt that wait): the connection is opened with ``Timeout=1``, and a
+  statement that meets a lock waits in short ``PRAGMA busy_timeout`` slices and is retried until its
+  limit is spent (a stop is noticed between two slices). SQLCancel does end a running query.
 
 A watchdog stops the session shortly before the deadline, and :meth:`ConfigMgrSource.abort` (the
 engine calls it from another thread at the deadline) does the same: SQLCancel on the running
@@ -126,6 +126,8 @@ DEADLINE_MARGIN = 1.0
 DEADLINE_MARGIN_SHARE = 0.1
 # After a cancel, how long a blocked statement may take to return before its socket is shut down.
 CANCEL_GRACE = 0.5
+# SQLite: the longest single wait for a lock; the source retries until the statement's limit is spent.
+SQLITE_LOCK_SLICE = 0.25
 
 
 def _placeholders(count: int) -> str:
@@ -713,8 +715,35 @@ class Session:
     def execute(self, sql: str, params: Sequence[object], phase: str) -> Any:
         """Run one statement under the current limit; the cursor is cancellable by stop()."""
         limit = self._start(phase)
+        if self.dialect == "sqlite":
+            return self._execute_sqlite(sql, params, limit)
         self._arm(limit)
-        cursor = self._connection.cursor()
+        cursor = self._register(self._connection.cursor())
+        cursor.execute(sql, *params)
+        return cursor
+
+    def _execute_sqlite(self, sql: str, params: Sequence[object], limit: StatementLimit) -> Any:
+        """SQLite: wait for a lock in short busy waits (which nothing can interrupt) and retry
+        until the statement's limit is spent, so that the limit holds to a fraction of a second and
+        a stop() is noticed between two waits."""
+        ends = time.monotonic() + limit.seconds
+        while True:
+            left = ends - time.monotonic()
+            # The driver waits for the busy handler twice when its prepare has to wait too.
+            self._set(f"PRAGMA busy_timeout = {max(1, int(min(left, SQLITE_LOCK_SLICE) * 500))}")
+            cursor = self._register(self._connection.cursor())
+            try:
+                cursor.execute(sql, *params)
+                return cursor
+            except self.pyodbc.Error as exc:
+                _close_quietly(cursor)
+                locked = "database is locked" in odbc_error_parts(exc)[1]
+                if not locked or time.monotonic() >= ends:
+                    raise
+                self._check_stopped()
+                self.budget.check()
+
+    def _register(self, cursor: Any) -> Any:
         with self._lock:
             stopped = self.stop_reason is not None
             if not stopped:
@@ -722,7 +751,6 @@ class Session:
         if stopped:
             _close_quietly(cursor)
             raise Stopped()
-        cursor.execute(sql, *params)
         return cursor
 
     def rows(self, cursor: Any) -> Iterator[Sequence[Any]]:
@@ -773,8 +801,6 @@ class Session:
         milliseconds = max(1, int(limit.seconds * 1000))
         if self.dialect == "postgresql":
             self._set(f"SET statement_timeout = {milliseconds}")
-        elif self.dialect == "sqlite":
-            self._set(f"PRAGMA busy_timeout = {max(1, milliseconds // 2)}")
         elif not self.query_timeout_rejected:
             try:
                 self._connection.timeout = limit.whole_seconds  # SQL_ATTR_QUERY_TIMEOUT of new cursors
@@ -1000,9 +1026,10 @@ class ConfigMgrSource:
         if stopped == "closed":
             return self._fail("other", f"refresh cancelled while {phase}: the source was closed")
         if stopped == "deadline" or isinstance(exc, DeadlineReached | Stopped):
-            return self._fail(
-                "timeout", f"the refresh deadline passed while {phase} ({session.budget.describe()})"
-            )
+            text = f"the refresh deadline passed while {phase} ({session.budget.describe()})"
+            if isinstance(exc, session.pyodbc.Error):  # what the statement was doing, e.g. a lock wait
+                text += f": {scrub(odbc_error_parts(exc)[1], self._mask)}"
+            return self._fail("timeout", text)
         if isinstance(exc, MalformedResultError):
             return self._fail("data", str(exc))
         if isinstance(exc, session.pyodbc.Error):

@@ -28,7 +28,7 @@ SECRET = "Tr0ub4dor&3;x}y"
 def refresh_error(source: object, caplog: pytest.LogCaptureFixture) -> SourceError:
     """Refresh, expect a SourceError, and check the one log line the engine writes for it."""
     with pytest.raises(SourceError) as caught:
-        source.refresh(None)  # type: ignore[attr-defined]
+        source.refresh(None, time.monotonic() + 60)  # type: ignore[attr-defined]
     assert "\n" not in caught.value.message
     caplog.clear()
     engine = Engine(Config(estates=(EstateConfig(name="t"),)), {"t": [source]})  # type: ignore[list-item]
@@ -163,7 +163,7 @@ def test_postgres_password_login_with_special_characters(
         username=postgres.PASSWORD_ROLE,
         password=postgres.ROLE_PASSWORD,
     )
-    assert source.refresh(None).records == len(cmdb.CASE_USERS) - 1
+    assert source.refresh(None, time.monotonic() + 60).records == len(cmdb.CASE_USERS) - 1
 
 
 def test_postgres_wrong_password_is_auth(
@@ -212,13 +212,13 @@ def test_postgres_query_timeout(pg_slow: str, caplog: pytest.LogCaptureFixture) 
     assert time.monotonic() - started < 10
 
 
-def test_close_cancels_a_running_refresh(pg_server: postgres.PostgresServer, pg_slow: str) -> None:
+def _stop_while_reading_v_r_user(pg_server: postgres.PostgresServer, pg_slow: str, stop: str) -> object:
     source = cmdb.make_source(pg_slow, query_timeout=60)
     outcome: list[BaseException | object] = []
 
     def run() -> None:
         try:
-            outcome.append(source.refresh(None))
+            outcome.append(source.refresh(None, time.monotonic() + 120))
         except BaseException as exc:
             outcome.append(exc)
 
@@ -232,10 +232,26 @@ def test_close_cancels_a_running_refresh(pg_server: postgres.PostgresServer, pg_
         ).fetchval():
             assert time.monotonic() < deadline, "the refresh never reached v_R_User"
             time.sleep(0.05)
-    cancelled_at = time.monotonic()
-    source.close()
+    stopped_at = time.monotonic()
+    getattr(source, stop)()
     worker.join(timeout=15)
     assert not worker.is_alive()
-    assert time.monotonic() - cancelled_at < 5
-    assert len(outcome) == 1 and isinstance(outcome[0], SourceError)
-    assert outcome[0].reason == "other" and "cancelled" in outcome[0].message
+    assert time.monotonic() - stopped_at < 5
+    assert len(outcome) == 1
+    return outcome[0]
+
+
+def test_close_cancels_a_running_refresh(pg_server: postgres.PostgresServer, pg_slow: str) -> None:
+    outcome = _stop_while_reading_v_r_user(pg_server, pg_slow, "close")
+    assert isinstance(outcome, SourceError)
+    assert (
+        outcome.reason == "other"
+        and "cancelled" in outcome.message
+        and "source was closed" in outcome.message
+    )
+
+
+def test_abort_at_the_deadline_is_a_timeout(pg_server: postgres.PostgresServer, pg_slow: str) -> None:
+    outcome = _stop_while_reading_v_r_user(pg_server, pg_slow, "abort")
+    assert isinstance(outcome, SourceError)
+    assert outcome.reason == "timeout" and "the refresh deadline passed while" in outcome.message

@@ -3,36 +3,48 @@ component selection and error classification, on plain Python data."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
 
+from exporter.columns import MAX_TEXT_BYTES
 from exporter.ids import sid_to_bytes
-from exporter.model import CmComponent
+from exporter.model import CmComponent, CmTable, CmUser
 from exporter.odbc import (
     build_connection_string,
     connection_secrets,
     connection_target,
     parse_connection_string,
 )
+from exporter.secrets import SecretMask
 from exporter.sources.configmgr import (
     COMPONENT_COLUMNS,
     SINCE_MIDNIGHT_TALLY,
     USER_COLUMNS,
+    Budget,
     ComponentRow,
+    DeadlineReached,
     MalformedResultError,
     RowError,
+    RowNotes,
     classify_odbc_error,
+    clip_text,
     cloud_user_id,
     column_index,
     component_row,
+    dialect_of,
+    fingerprint_sql,
     object_guid,
+    same_content,
     scrub,
     select_components,
+    text_lookup_sql,
     timestamp,
     user_from_row,
+    with_attribute,
 )
 
 GUID = uuid.UUID("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0")
@@ -87,11 +99,25 @@ def test_connection_target_has_no_secrets(text: str, target: str) -> None:
     assert connection_target(parse_connection_string(text)) == target
 
 
-def test_scrub_removes_every_form_of_the_passwords() -> None:
+def test_scrub_masks_every_form_of_the_secrets_of_any_length() -> None:
     secrets = connection_secrets(parse_connection_string("SERVER=x;PWD={a}}b}"), "other-secret")
+    mask = SecretMask(secrets)
     text = "failed for {a}}b} and a}}b and a}b and other-secret\n  (again)"
-    assert scrub(text, secrets) == "failed for <secret> and <secret> and <secret> and <secret> (again)"
-    assert len(scrub("x" * 1000, [])) == 400
+    assert scrub(text, mask) == "failed for <secret> and <secret> and <secret> and <secret> (again)"
+    assert len(scrub("x" * 1000, mask)) == 400
+
+
+def test_scrub_masks_before_cutting() -> None:
+    secret = "S3cr3t-" * 20
+    text = "x" * 390 + secret
+    assert "S3cr3t" not in scrub(text, SecretMask([secret]))
+
+
+def test_with_attribute_replaces_any_spelling_of_the_key() -> None:
+    assert with_attribute("DRIVER={SQLite3};Database=/a;timeout=5000", "Timeout", "1") == (
+        "DRIVER={SQLite3};Database=/a;Timeout=1"
+    )
+    assert with_attribute("DSN=cm", "Timeout", "1") == "DSN=cm;Timeout=1"
 
 
 # ------------------------------------------------------------------------------ user rows
@@ -103,15 +129,16 @@ def row(**values: object) -> list[object]:
         "ResourceID": 16777220,
         "Unique_User_Name0": "CONTOSO\\alice",
         "User_Principal_Name0": "alice@contoso.com",
-        "Full_User_Name0": "Alice",
         "SID0": "S-1-5-21-1-2-3-1101",
         "Object_GUID0": GUID.bytes_le,
-        "User_Account_Control0": 512,
         "Creation_Date0": datetime(2024, 3, 1, 8, 30),
         "CloudUserId": None,
     }
     base.update(values)
     return [base[name] for name in USER_COLUMNS]
+
+
+MEMBER_OF = {16777220: ("PS100012",), 16777221: ("PS100012",)}
 
 
 def test_column_index_matches_case_insensitively() -> None:
@@ -129,12 +156,13 @@ def test_column_index_missing_column_is_malformed() -> None:
 
 
 def test_user_from_row_plain_values() -> None:
-    user = user_from_row(row(), INDEX, {16777220})
+    user = user_from_row(row(), INDEX, MEMBER_OF)
     assert user.resource_id == 16777220
     assert user.object_guid == GUID.bytes_le
     assert user.creation_date == datetime(2024, 3, 1, 8, 30, tzinfo=UTC).timestamp()
+    assert user.collections == ("PS100012",)
     assert user.in_intune_collection is True
-    assert user_from_row(row(), INDEX, set()).in_intune_collection is False
+    assert user_from_row(row(), INDEX, {}).in_intune_collection is False
 
 
 @pytest.mark.parametrize(
@@ -189,22 +217,20 @@ def test_user_from_row_other_driver_types() -> None:
         row(
             ResourceID=Decimal("16777221"),
             SID0=sid_to_bytes("S-1-5-21-1-2-3-1101"),
-            User_Account_Control0="514",
             Creation_Date0="2024-03-01 08:30:00.0000000",
             CloudUserId="{" + str(GUID).upper() + "}",
             User_Principal_Name0="   ",
-            Full_User_Name0="Zoë Ångström ",
+            Unique_User_Name0="CONTOSO\\zoë.ångström ",
         ),
         INDEX,
-        {16777221},
+        MEMBER_OF,
     )
     assert user.resource_id == 16777221
     assert user.sid == "S-1-5-21-1-2-3-1101"
-    assert user.user_account_control == 514
     assert user.creation_date == datetime(2024, 3, 1, 8, 30, tzinfo=UTC).timestamp()
     assert user.cloud_user_id == str(GUID)
     assert user.user_principal_name is None
-    assert user.full_user_name == "Zoë Ångström"
+    assert user.unique_user_name == "CONTOSO\\zoë.ångström"
     assert user.in_intune_collection is True
 
 
@@ -220,16 +246,44 @@ def test_user_from_row_other_driver_types() -> None:
         ({"CloudUserId": b"\x00" * 5}, "CloudUserId"),
         ({"SID0": "X-1-5"}, "SID0"),
         ({"Creation_Date0": "yesterday"}, "Creation_Date0"),
-        ({"User_Account_Control0": 512.5}, "User_Account_Control0"),
-        ({"Full_User_Name0": b"\xff\xfe"}, "Full_User_Name0"),
+        ({"ResourceID": 512.5}, "ResourceID"),
+        ({"Unique_User_Name0": b"\xff\xfe"}, "Unique_User_Name0"),
+        ({"SID0": "S-1-5-21-" + "1" * 8_000_000}, "SID0"),  # no SID is that long: the row is skipped
+        ({"CloudUserId": "a" * 8_000_000}, "CloudUserId"),
     ],
 )
 def test_unconvertible_values_raise_row_error_naming_the_column(
     values: dict[str, object], column: str
 ) -> None:
     with pytest.raises(RowError) as caught:
-        user_from_row(row(**values), INDEX, set())
+        user_from_row(row(**values), INDEX, {})
     assert caught.value.column == column
+    assert len(str(caught.value)) < 500 or column == "CloudUserId"  # the value is quoted in full
+
+
+# ------------------------------------------------------------------------------- long text
+def test_clip_text_cuts_at_a_character_boundary() -> None:
+    assert clip_text("a" * 10) == "a" * 10
+    assert clip_text("a" * MAX_TEXT_BYTES) == "a" * MAX_TEXT_BYTES
+    assert clip_text("a" * (MAX_TEXT_BYTES + 1)) == "a" * MAX_TEXT_BYTES
+    cut = clip_text("é" * MAX_TEXT_BYTES)  # two bytes each
+    assert cut == "é" * (MAX_TEXT_BYTES // 2)
+    cut = clip_text("a" + "李" * MAX_TEXT_BYTES)  # three bytes each: no partial character
+    assert len(cut.encode()) <= MAX_TEXT_BYTES and cut.endswith("李")
+
+
+def test_long_names_are_cut_and_counted() -> None:
+    notes = RowNotes()
+    eight_mb = "CONTOSO\\" + "x" * 8_000_000
+    user = user_from_row(
+        row(Unique_User_Name0=eight_mb, User_Principal_Name0=eight_mb + "@x"), INDEX, {}, notes
+    )
+    assert user.unique_user_name is not None and len(user.unique_user_name.encode()) == MAX_TEXT_BYTES
+    assert user.user_principal_name is not None and len(user.user_principal_name.encode()) == MAX_TEXT_BYTES
+    assert notes.clipped == 2 and notes.first_clipped.startswith("Unique_User_Name0, 8,000,008 bytes")
+    # The record round-trips through the table unchanged: the builder has nothing more to cut.
+    table = CmTable.from_records([user])
+    assert table.record(0) == user
 
 
 # ------------------------------------------------------------------------------- components
@@ -335,3 +389,106 @@ def test_select_components_one_per_machine_case_insensitively() -> None:
 )
 def test_classify_odbc_error(sqlstate: str, text: str, connecting: bool, reason: str) -> None:
     assert classify_odbc_error(sqlstate, text, connecting) == reason
+
+
+# --------------------------------------------------------------------------- time limits
+def test_statement_limit_is_the_query_timeout_until_the_deadline_is_nearer() -> None:
+    assert Budget.until(None, 60).limit().describe() == "query_timeout 60s"
+    far = Budget.until(time.monotonic() + 600, 60).limit()
+    assert (far.seconds, far.cause) == (60, "query_timeout")
+    near = Budget.until(time.monotonic() + 10, 60).limit()
+    # A tenth of the budget is kept back (at most a second) so that the source stops first.
+    assert near.cause == "deadline" and 8.5 < near.seconds <= 9.0
+    assert near.whole_seconds == 8
+    assert "time left before the refresh deadline" in near.describe()
+
+
+def test_no_statement_starts_after_the_deadline() -> None:
+    budget = Budget.until(time.monotonic() - 1, 60)
+    with pytest.raises(DeadlineReached):
+        budget.limit()
+    with pytest.raises(DeadlineReached):
+        budget.check()
+
+
+def test_whole_seconds_never_mean_no_limit() -> None:
+    assert Budget.until(time.monotonic() + 0.6, 60).limit().whole_seconds == 1
+
+
+# ------------------------------------------------------------------------------ dialects
+@pytest.mark.parametrize(
+    ("dbms", "dialect"),
+    [
+        ("Microsoft SQL Server", "sqlserver"),
+        ("PostgreSQL", "postgresql"),
+        ("SQLite", "sqlite"),
+        ("Oracle", "other"),
+    ],
+)
+def test_dialect_of_the_dbms_name(dbms: str, dialect: str) -> None:
+    assert dialect_of(dbms) == dialect
+
+
+def test_change_check_statements_per_dialect() -> None:
+    assert fingerprint_sql("sqlite", 1) is None
+    assert fingerprint_sql("other", 1) is None
+    pg = fingerprint_sql("postgresql", 2)
+    mssql = fingerprint_sql("sqlserver", 2)
+    assert pg is not None and mssql is not None
+    for users, members in (pg, mssql):
+        assert "FROM v_R_User" in users
+        for column in USER_COLUMNS:
+            assert column in users
+        assert members.count("?") == 2 and "ResourceType = 4" in members
+    assert "md5(ROW(" in pg[0]
+    # SQL Server: the CROSS APPLY comes before the WHERE clause.
+    assert mssql[1].index("CROSS APPLY") < mssql[1].index("WHERE")
+
+
+def test_text_lookups_fold_both_sides_with_the_database_upper() -> None:
+    assert text_lookup_sql("User_Principal_Name0", 2).endswith(
+        "WHERE UPPER(User_Principal_Name0) IN (UPPER(?), UPPER(?))"
+    )
+
+
+# --------------------------------------------------------------------------- unchanged data
+def _user(resource_id: int, **changes: object) -> CmUser:
+    values: dict[str, object] = {
+        "resource_id": resource_id,
+        "unique_user_name": f"CONTOSO\\u{resource_id}",
+        "user_principal_name": f"u{resource_id}@contoso.com",
+        "sid": f"S-1-5-21-1-{resource_id}",
+        "object_guid": uuid.UUID(int=resource_id).bytes_le,
+        "creation_date": None,
+        "cloud_user_id": None,
+        "collections": (),
+    }
+    values.update(changes)
+    return CmUser(**values)  # type: ignore[arg-type]
+
+
+def _table(*users: CmUser, components: tuple[CmComponent, ...] = ()) -> CmTable:
+    return CmTable.from_records(users, components, ("PS100012",))
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"user_principal_name": "other@contoso.com"},
+        {"user_principal_name": None},
+        {"cloud_user_id": str(GUID)},
+        {"collections": ("PS100012",)},
+        {"creation_date": 1.0},
+        {"object_guid": None},
+        {"sid": "S-1-5-21-1-999"},
+    ],
+)
+def test_same_content_sees_every_field(changed: dict[str, object]) -> None:
+    assert same_content(_table(_user(1), _user(2)), _table(_user(1), _user(2)))
+    assert not same_content(_table(_user(1), _user(2)), _table(_user(1), _user(2, **changed)))
+
+
+def test_same_content_sees_rows_and_components() -> None:
+    assert not same_content(_table(_user(1)), _table(_user(1), _user(2)))
+    component = CmComponent("PS1", "CM01", "SMS_CLOUD_USERSYNC", 2)
+    assert not same_content(_table(_user(1)), _table(_user(1), components=(component,)))
