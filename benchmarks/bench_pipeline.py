@@ -1,127 +1,225 @@
-"""Benchmark: stage model, scrape and state file on a large synthetic estate.
+"""Benchmark: the in-process part of a large estate — tables, evaluation, scrape, state file.
 
-    python benchmarks/bench_pipeline.py [--users 100000]
+    python benchmarks/bench_pipeline.py [--users 100000 500000]
 
-Prints wall time of each step and the process's peak RSS after it. It asserts nothing: figures
-for issues and release notes, not a timed test.
+For each N it builds an AD, Entra and ConfigMgr table of N users with a realistic spread of stages,
+then measures: the evaluation (join + stages + reasons), a summary at a moment (stuck counts), a
+scrape of every collector, writing the state file (and writing it again with nothing changed), and a
+restore into a fresh engine up to a ready snapshot — each with its wall time and the process's peak
+RSS (VmHWM) and current RSS. Every N runs in a subprocess so peaks do not mix. It asserts nothing:
+figures for issues and the README, not a timed test.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import resource
+import json
+import random
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
-from prometheus_client import generate_latest
-from prometheus_client.registry import CollectorRegistry
 
-from collectors import ExporterCollector, default_collectors
-from exporter.config import Config, EstateConfig
-from exporter.engine import Engine
-from exporter.ids import immutable_id
-from exporter.model import AdData, AdUser, CmUser, ConfigMgrData, EntraData, EntraUser
-from exporter.state import StateStore
+def _status(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024.0
+    return 0.0
+
+
+def build(n: int, now: float):  # type: ignore[no-untyped-def]
+    from exporter.ids import immutable_id
+    from exporter.model import AdTableBuilder, AdUser, CmTableBuilder, CmUser, EntraTableBuilder, EntraUser
+
+    rng = random.Random(n)
+    ad_builder, entra_builder, cm_builder = (
+        AdTableBuilder("CONTOSO"),
+        EntraTableBuilder(),
+        CmTableBuilder(["PS100012"]),
+    )
+    domain = "S-1-5-21-1004336348-1177238915-682003330"
+    for i in range(n):
+        guid = uuid.UUID(int=rng.getrandbits(128)).bytes_le
+        sid = f"{domain}-{1000 + i}"
+        sam = f"user{i:06d}"
+        upn = f"{sam}@contoso.com"
+        ad_builder.add(AdUser(guid, sid, sam, upn, guid, now - rng.uniform(0, 60 * 86400)))
+        fate = rng.random()
+        if fate < 0.02:
+            continue  # not synced
+        entra_id = str(uuid.UUID(int=rng.getrandbits(128)))
+        entra_builder.add(EntraUser(entra_id, upn, True, immutable_id(guid), sid, now - 86400, True))
+        if fate < 0.04:
+            continue  # not discovered
+        in_collection = fate >= 0.10
+        cloud = entra_id if fate >= 0.14 else None
+        cm_builder.add(
+            CmUser(
+                2063597568 + i,
+                f"CONTOSO\\{sam}",
+                upn,
+                sid,
+                guid,
+                now - 3600,
+                cloud,
+                ("PS100012",) if in_collection else (),
+            )
+        )
+    for i in range(n // 25):  # cloud-only users
+        entra_builder.add(
+            EntraUser(
+                str(uuid.UUID(int=rng.getrandbits(128))),
+                f"admin{i}@contoso.onmicrosoft.com",
+                False,
+                None,
+                None,
+            )
+        )
+    return ad_builder.build().prepare(), entra_builder.build().prepare(), cm_builder.build().prepare()
 
 
 class Static:
-    def __init__(self, kind, data):
+    def __init__(self, kind: str, data: object) -> None:
         self.kind, self.data = kind, data
 
-    def describe(self):
+    def describe(self) -> str:
         return f"static {self.kind}"
 
-    def refresh(self, previous):
+    def refresh(self, previous: object, deadline: float) -> object:
         return self.data
 
-    def close(self):
+    def close(self) -> None:
         pass
 
 
-def build(n: int):
-    now = time.time()
-    ad_users, entra_users, cm_users = [], [], []
-    for i in range(n):
-        guid = uuid.UUID(int=i + 1).bytes_le
-        sid = f"S-1-5-21-1-2-3-{1000 + i}"
-        ad_users.append(
-            AdUser(guid, sid, f"user{i}", f"user{i}@contoso.com", guid, now - i, 512, f"CN=user{i}")
-        )
-        if i % 50 == 0:
-            continue  # not synced
-        eid = str(uuid.UUID(int=10**12 + i))
-        entra_users.append(
-            EntraUser(eid, f"user{i}@contoso.com", True, immutable_id(guid), sid, f"user{i}", now - i)
-        )
-        if i % 40 == 0:
-            continue
-        cloud = None if i % 30 == 0 else eid
-        cm_users.append(
-            CmUser(
-                16777216 + i,
-                f"CONTOSO\\user{i}",
-                f"user{i}@contoso.com",
-                f"User {i}",
-                sid,
-                guid,
-                512,
-                now - i,
-                cloud,
-                i % 20 != 0,
-            )
-        )
-    return (
-        AdData(tuple(ad_users), "CONTOSO"),
-        EntraData(tuple(entra_users), len(entra_users)),
-        ConfigMgrData(tuple(cm_users)),
-    )
+def run_restore(directory: str) -> dict[str, float]:
+    """A fresh process restoring the state file, as a restarted exporter does."""
+    from exporter.config import Config, EstateConfig
+    from exporter.engine import Engine
+    from exporter.state import StateStore
 
-
-def measure(label, fn):
-    # Timed without tracemalloc (it slows Python code several times); memory is the growth of the
-    # process's peak RSS during the step, which is what an operator's container limit sees.
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    config = Config(estates=(EstateConfig(name="contoso"),))
+    sources = [Static("ad", None), Static("entra", None), Static("configmgr", None)]
+    engine = Engine(config, {"contoso": sources}, state_store=StateStore(Path(directory) / "state.json"))
     started = time.perf_counter()
-    result = fn()
-    elapsed = time.perf_counter() - started
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(
-        f"{label:<42} {elapsed * 1000:9.1f} ms   peak RSS {rss_after / 1024:7.1f} MiB "
-        f"(+{(rss_after - rss_before) / 1024:.1f})"
-    )
-    return result
+    engine.restore()
+    assert engine.snapshot().ready and engine.snapshot().estates[0].evaluation is not None
+    return {
+        "restore_to_ready_s": round(time.perf_counter() - started, 3),
+        "restore_to_ready_peak_mib": round(_status("VmHWM"), 1),
+        "restore_to_ready_rss_mib": round(_status("VmRSS"), 1),
+    }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--users", type=int, default=100_000)
+def run_one(n: int) -> dict[str, float]:
+    from prometheus_client import generate_latest
+    from prometheus_client.registry import CollectorRegistry
+
+    from collectors import ExporterCollector, default_collectors
+    from exporter.config import Config, EstateConfig
+    from exporter.engine import Engine
+    from exporter.pipelines import implementation
+    from exporter.pipelines.evaluation import EstateData, evaluate
+    from exporter.state import StateStore
+
+    figures: dict[str, float] = {"users": n}
+    now = time.time()
+
+    def step(name: str, started: float) -> None:
+        figures[f"{name}_s"] = round(time.perf_counter() - started, 3)
+        figures[f"{name}_peak_mib"] = round(_status("VmHWM"), 1)
+        figures[f"{name}_rss_mib"] = round(_status("VmRSS"), 1)
+
+    started = time.perf_counter()
+    ad, entra, cm = build(n, now)
+    step("build_tables", started)
+    config = Config(estates=(EstateConfig(name="contoso"),))
+    engine = Engine(config, {"contoso": [Static("ad", ad), Static("entra", entra), Static("configmgr", cm)]})
+    settings = engine._estates["contoso"].settings
+    pipeline = implementation("hybrid_mdm")
+    data = EstateData(ad=ad, entra=entra, configmgr=cm)
+    started = time.perf_counter()
+    evaluation = evaluate(pipeline, data, settings, None, now)
+    step("evaluate_first", started)
+    started = time.perf_counter()
+    evaluation = evaluate(pipeline, data, settings, evaluation.first_seen, now + 60)
+    step("evaluate_again", started)
+    started = time.perf_counter()
+    evaluation.summary(now + 61)
+    step("summary", started)
+    engine.refresh_all()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ExporterCollector(engine.snapshot, default_collectors(25)))
+    started = time.perf_counter()
+    body = generate_latest(registry)
+    step("scrape", started)
+    figures["scrape_bytes"] = len(body)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = StateStore(Path(tmp) / "state.json")
+        figures["_dir"] = tmp  # type: ignore[assignment]
+        engine._store = store
+        started = time.perf_counter()
+        engine.persist()
+        step("state_write", started)
+        figures["state_mib"] = round(
+            sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file()) / 2**20, 1
+        )
+        started = time.perf_counter()
+        engine.persist()
+        step("state_write_unchanged", started)
+        del engine, evaluation, data, ad, entra, cm
+        fresh = Engine(
+            config,
+            {"contoso": [Static("ad", None), Static("entra", None), Static("configmgr", None)]},
+            state_store=StateStore(Path(tmp) / "state.json"),
+        )
+        started = time.perf_counter()
+        fresh.restore()
+        assert fresh.snapshot().ready and fresh.snapshot().estates[0].evaluation is not None
+        step("restore_to_ready", started)
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, nargs="+", default=[100_000, 500_000])
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--restore", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    print(f"synthetic estate: {args.users} AD users")
-    ad, entra, cm = measure("build synthetic data", lambda: build(args.users))
-    with tempfile.TemporaryDirectory() as directory:
-        store = StateStore(Path(directory) / "state.json")
-        config = Config(estates=(EstateConfig(name="bench"),))
-        sources = {"bench": [Static("ad", ad), Static("entra", entra), Static("configmgr", cm)]}
-        engine = Engine(config, sources, state_store=store)
-        measure("first refresh of 3 sources (join + stages)", engine.refresh_all)
-        measure("re-evaluation after one source refresh", lambda: engine.refresh("bench", "ad"))
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(ExporterCollector(engine.snapshot, default_collectors("upn", 25)))
-        body = measure("scrape (/metrics body)", lambda: generate_latest(registry))
-        print(f"{'  scrape size':<42} {len(body) / 1024:9.1f} KiB")
-        measure("persist state file", engine.persist)
-        print(f"{'  state file size':<42} {os.path.getsize(store.path) / 2**20:9.1f} MiB")
-        restarted = Engine(config, {"bench": []}, state_store=store)
-        measure("restore state file after restart", restarted.restore)
-        view = engine.snapshot().estates[0].view
-        print("stage counts:", dict(view.users))
+    if args.restore:
+        print(json.dumps(run_restore(args.restore)))
+        return 0
+    if args.one:
+        print(json.dumps(run_one(args.one)))
+        return 0
+    print(f"{'users':>8} {'step':<24} {'seconds':>8} {'peak MiB':>9} {'RSS MiB':>8}")
+    for n in args.users:
+        out = subprocess.run(
+            [sys.executable, __file__, "--one", str(n)], capture_output=True, text=True, check=True
+        )
+        figures = json.loads(out.stdout.strip().splitlines()[-1])
+        for name in (
+            "build_tables",
+            "evaluate_first",
+            "evaluate_again",
+            "summary",
+            "scrape",
+            "state_write",
+            "state_write_unchanged",
+            "restore_to_ready",
+        ):
+            print(
+                f"{n:>8} {name:<24} {figures[name + '_s']:>8.3f} {figures[name + '_peak_mib']:>9.1f} {figures[name + '_rss_mib']:>8.1f}"
+            )
+        print(f"{n:>8} state file {figures['state_mib']} MiB, scrape {figures['scrape_bytes']} bytes")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -125,7 +125,7 @@ def _clip(value: bytes, text: bool = True) -> bytes:
 class Blob:
     """Variable-length values (UTF-8 text or raw bytes) in one buffer with offsets; None allowed."""
 
-    data: bytes
+    data: bytes | memoryview  # a memoryview when restored from the state file (no copy)
     offsets: I64  # len n + 1, non-decreasing, offsets[0] == 0, offsets[-1] == len(data)
     nulls: Bools | None = None  # True where the value is None (no array when nothing is None)
     text: bool = True
@@ -136,7 +136,7 @@ class Blob:
     def raw(self, row: int) -> bytes | None:
         if self.nulls is not None and self.nulls[row]:
             return None
-        return self.data[int(self.offsets[row]) : int(self.offsets[row + 1])]
+        return bytes(self.data[int(self.offsets[row]) : int(self.offsets[row + 1])])
 
     def get(self, row: int) -> str | None:
         value = self.raw(row)

@@ -174,7 +174,7 @@ def _table_from(header: Mapping[str, Any], body: memoryview, table_type: type[Ta
 def _column(col: Col, spec: Mapping[str, Any], body: memoryview, rows: int) -> ColumnValue:
     buffers = spec["buffers"]
     if col.kind in ("text", "bytes"):
-        data = bytes(_buffer(body, buffers[0]))
+        data = _buffer(body, buffers[0])  # a view of the file's bytes: no second copy in memory
         offsets = _array(body, buffers[1], np.dtype(np.int64), rows + 1)
         if offsets[0] != 0 or offsets[-1] != len(data) or (np.diff(offsets) < 0).any():
             raise ValueError(f"column {col.name}: offsets do not describe the text")

@@ -91,6 +91,17 @@ class FirstSeen:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def lookup_sorted(self, probe: SortedIndex, size: int) -> tuple[npt.NDArray[np.int8], Floats]:
+        """Like :meth:`lookup` for every row of a table, given that table's sorted index of the key."""
+        stage = np.full(size, -1, dtype=np.int8)
+        since = np.full(size, np.nan)
+        if len(self.keys) and len(probe.keys):
+            position = np.minimum(np.searchsorted(self.keys, probe.keys), len(self.keys) - 1)
+            hit = self.keys[position] == probe.keys
+            stage[probe.order[hit]] = self.stage[position[hit]]
+            since[probe.order[hit]] = self.since[position[hit]]
+        return stage, since
+
     def lookup(self, probe: U64) -> tuple[npt.NDArray[np.int8], Floats]:
         """(stage, since) for each probe key; stage -1 where the user was never seen."""
         stage = np.full(len(probe), -1, dtype=np.int8)
@@ -258,9 +269,10 @@ def evaluate(
     placement = pipeline.place(data, settings, now)
     stage = placement.stage
     keys = ad.array("k_guid")
+    by_guid = ad.index("k_guid")  # sorted once per AD table version: no sorting here
     previous = first_seen if first_seen is not None and first_seen.pipeline == definition.name else None
     if previous is not None:
-        old_stage, old_since = previous.lookup(keys)
+        old_stage, old_since = previous.lookup_sorted(by_guid, ad.n)
         since = np.where(old_stage == stage, old_since, now)
     else:
         since = np.full(ad.n, now, dtype=np.float64)
@@ -274,9 +286,17 @@ def evaluate(
         entered=entered,
         reason=reason,
         placement=placement,
-        first_seen=FirstSeen.from_rows(definition.name, keys.copy(), stage.copy(), since),
+        first_seen=_first_seen_of(definition.name, by_guid, keys, stage, since),
         side=pipeline.side_metrics(data, settings, placement),
     )
+
+
+def _first_seen_of(pipeline: str, by_guid: SortedIndex, keys: U64, stage: Stages, since: Floats) -> FirstSeen:
+    """The new first-seen table, already in key order thanks to the AD table's sorted index."""
+    ordered = by_guid.keys
+    if len(ordered) == len(keys) and not (len(ordered) > 1 and (ordered[1:] == ordered[:-1]).any()):
+        return FirstSeen(pipeline, ordered, stage[by_guid.order], since[by_guid.order])
+    return FirstSeen.from_rows(pipeline, keys.copy(), stage.copy(), since)  # duplicate or missing keys
 
 
 def choose_reasons(
