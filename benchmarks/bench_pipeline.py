@@ -214,9 +214,8 @@ def main() -> int:
             "state_write_unchanged",
             "restore_to_ready",
         ):
-            print(
-                f"{n:>8} {name:<24} {figures[name + '_s']:>8.3f} {figures[name + '_peak_mib']:>9.1f} {figures[name + '_rss_mib']:>8.1f}"
-            )
+            seconds, peak, rss = (figures[name + suffix] for suffix in ("_s", "_peak_mib", "_rss_mib"))
+            print(f"{n:>8} {name:<24} {seconds:>8.3f} {peak:>9.1f} {rss:>8.1f}")
         print(f"{n:>8} state file {figures['state_mib']} MiB, scrape {figures['scrape_bytes']} bytes")
     return 0
 
