@@ -369,3 +369,21 @@ def test_member_of_filter_always_reads_everything(samba_dc: SambaDC, churn_area:
     table = source.refresh(None)
     assert "dc" not in table.meta
     assert source.refresh(table).meta["read"] == "full"
+
+
+def test_one_percent_churn_reads_under_five_percent_of_a_full_read(
+    samba_dc: SambaDC, directory: Directory, churn_area: ldap3.Connection
+) -> None:
+    # Issue 13's target on the 253 users of OU=Staff: touch 1% of them (a description, which the
+    # records do not hold: the other tests' expectations stay as they are).
+    source = ActiveDirectorySource(make_config(samba_dc))
+    table = source.refresh(None)
+    full_entries = table.meta["entries_read"]
+    touched = [directory.users[f"bulk{index:04d}"].dn for index in range(0, 250, 100)]  # 3 users
+    for dn in touched:
+        churn_area.modify(dn, {"description": [(ldap3.MODIFY_REPLACE, [f"touched {time.time()}"])]})
+    after = source.refresh(table)
+    assert after.meta["read"] == "incremental"
+    assert records(after) == records(table)
+    print(f"1% churn: {after.meta['entries_read']} entries read incrementally, {full_entries} in a full read")
+    assert after.meta["entries_read"] <= 0.05 * full_entries
