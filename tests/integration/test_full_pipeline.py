@@ -5,25 +5,17 @@
 - Entra ID: the loopback HTTPS Graph simulator, whose tenant is built from what Samba returned.
 - ConfigMgr: a ConfigMgr-shaped SQLite database read through the real ``SQLite3`` ODBC driver.
 
-Every expected value below is worked out by hand from the scenario table (never by calling the
-stage model). A second test restarts the exporter from its state file with the ConfigMgr database
+Every expected value below, stages and reasons alike, is worked out by hand from the scenario table
+and CONTRACT.md (never by calling the stage model). A second test restarts the exporter from its state file with the ConfigMgr database
 unreachable (FreeTDS against a closed port) and checks that only that source goes down.
 """
 
 from __future__ import annotations
 
 import base64
-import json
-import os
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
@@ -34,15 +26,24 @@ from typing import Any
 
 import ldap3
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.ad.samba import DOMAIN_DN, LDAPS_PORT, USER_CLASSES, SambaDC
 from tests.configmgr import cmdb
 from tests.conftest import require_component
 from tests.entra import tenant_data
-from tests.entra.graph_sim import GraphSimulator, SimApp, SimTenant
+from tests.entra.graph_sim import SimApp, SimTenant
+from tests.integration.harness import (
+    Exporter,
+    Graph,
+    Samples,
+    epoch,
+    free_port,
+    odbc_drivers,
+    require_sqlite_odbc,
+    start_graph,
+)
+from tests.integration.harness import value as estate_value
 
-ROOT = Path(__file__).resolve().parents[2]
 ESTATE = "pipeline"
 SCOPE_OU = f"OU=Pipeline,{DOMAIN_DN}"
 ELSEWHERE_OU = f"OU=PipelineElsewhere,{DOMAIN_DN}"  # outside search_bases
@@ -50,9 +51,10 @@ SERVICE_SAM = "svc-pipeline"
 SERVICE_USER = "svc-pipeline@test.local"
 SERVICE_PASSWORD = "Svc!Pipeline-2024-pw"
 USER_PASSWORD = "User!Pipeline-5678"
+ENV = {"PIPELINE_AD_PASSWORD": SERVICE_PASSWORD}
 INTUNE_COLLECTION = "PS100012"
 STAFF_COLLECTION = "PS100020"
-START_DEADLINE = 30.0
+START_DEADLINE = 45.0
 STAGES = (
     "ad_created",
     "entra_synced",
@@ -94,6 +96,20 @@ EXPECTED_STUCK = {
     "cm_discovered": set(),
     "in_intune_collection": set(),
     "connector_synced": set(),
+}
+# Every in-scope user's reason (CONTRACT.md, "Why a user is stuck"), stuck or not yet.
+# ad_created: Entra Connect last synced 2024-05-01, before the accounts were created; no cloud-only
+# user holds their keys. entra_synced: no ConfigMgr record has the UPN, and AD User Discovery only
+# warns. cm_discovered: no CloudUserID. in_intune_collection: Entra's UPN ends in test.example, AD's
+# in test.local. connector_synced: the CloudUserID is no Entra user's id.
+EXPECTED_REASONS = {
+    AD_ONLY: ("ad_created", "entra_sync_pending"),
+    NOT_IN_ENTRA: ("ad_created", "entra_sync_pending"),
+    SYNCED: ("entra_synced", "configmgr_not_discovered"),
+    SID_FALLBACK: ("cm_discovered", "not_in_intune_collection"),
+    GUID_ONLY: ("in_intune_collection", "upn_mismatch"),
+    NAME_ONLY: ("connector_synced", "cloud_user_id_unknown"),
+    **{sam: ("intune_enabled", None) for sam in ENABLED},
 }
 EXPECTED_RECORDS = {
     "ad": 9,  # IN_SCOPE; DISABLED is filtered out, OUTSIDE is not under the search base
@@ -243,26 +259,11 @@ def build_tenant(accounts: dict[str, AdAccount]) -> tuple[SimTenant, dict[str, s
     return tenant, entra_ids
 
 
-@dataclass
-class Graph:
-    sim: GraphSimulator
-    ca_file: str
-
-
 @pytest.fixture(scope="module")
 def graph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Graph]:
-    try:
-        import trustme
-    except ImportError:
-        trustme = None  # type: ignore[assignment]
-    require_component("trustme", trustme is not None, "pip install trustme")
-    ca = trustme.CA()
-    ca_file = tmp_path_factory.mktemp("pipeline-graph") / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_file))
-    sim = GraphSimulator(ca)
-    sim.start()
-    yield Graph(sim, str(ca_file))
-    sim.stop()
+    started = start_graph(tmp_path_factory.mktemp("pipeline-graph"))
+    yield started
+    started.sim.stop()
 
 
 # ------------------------------------------------------------------------------ ConfigMgr
@@ -329,20 +330,6 @@ def build_configmgr(
 
 
 # ------------------------------------------------------------------------------ the exporter
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def odbc_drivers() -> list[str]:
-    try:
-        import pyodbc
-    except ImportError:
-        return []
-    return list(pyodbc.drivers())
-
-
 def config_text(
     *, state: Path, samba_ca: str, graph: Graph, secret_file: Path, connection_string: str
 ) -> str:
@@ -384,101 +371,12 @@ def config_text(
     )
 
 
-class Exporter:
-    """``python -m exporter`` in a subprocess, its output in a file."""
-
-    def __init__(self, config: Path, log_file: Path) -> None:
-        self.port = free_port()
-        self.log_file = log_file
-        env = {**os.environ, "PIPELINE_AD_PASSWORD": SERVICE_PASSWORD}
-        with log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "exporter",
-                    "--config.file",
-                    str(config),
-                    "--web.listen-address",
-                    f"127.0.0.1:{self.port}",
-                    "--log.level",
-                    "debug",
-                ],
-                cwd=ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-    def log(self) -> str:
-        return self.log_file.read_text(errors="replace")
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-
-    def wait_ready(self) -> float:
-        """Poll /-/ready until 200; returns the seconds it took."""
-        started = time.monotonic()
-        last = "no answer"
-        while time.monotonic() - started < START_DEADLINE:
-            if self.process.poll() is not None:
-                pytest.fail(f"exporter exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-            try:
-                status, body = self.get("/-/ready")
-                if status == 200:
-                    return time.monotonic() - started
-                last = f"{status} {body.strip()}"
-            except (urllib.error.URLError, ConnectionError) as exc:
-                last = repr(exc)
-            time.sleep(0.1)
-        pytest.fail(f"exporter not ready within {START_DEADLINE:.0f}s ({last}):\n{self.log()[-4000:]}")
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        status, text = self.get("/metrics")
-        assert status == 200, text
-        return {
-            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
-
-    def stuck(self) -> dict[str, Any]:
-        status, text = self.get("/stuck")
-        assert status == 200, text
-        document: dict[str, Any] = json.loads(text)
-        return document
-
-    def stop(self) -> int:
-        """SIGTERM, as a service manager would; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=5)
-                pytest.fail(f"exporter ignored SIGTERM for 15s:\n{self.log()[-4000:]}")
-        return self.process.returncode
-
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
 def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted({"estate": ESTATE, **labels}.items()))))
+    return estate_value(samples, name, ESTATE, **labels)
 
 
 def labelled(samples: Samples, name: str) -> list[dict[str, str]]:
     return [dict(labels) for (sample_name, labels), _ in samples.items() if sample_name == name]
-
-
-def epoch(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def stage_values(samples: Samples) -> dict[str, Any]:
@@ -487,7 +385,7 @@ def stage_values(samples: Samples) -> dict[str, Any]:
         "users": {s: value(samples, "intune_provisioning_users", provisioning_stage=s) for s in STAGES},
         "stuck": {s: value(samples, "intune_provisioning_stuck_users", provisioning_stage=s) for s in STAGES},
         "info": sorted(
-            (d["provisioning_stage"], d["user"])
+            (d["provisioning_stage"], d["user"], d.get("reason", ""))
             for d in labelled(samples, "intune_provisioning_stuck_user_info")
         ),
         "mismatch": value(samples, "intune_provisioning_cloud_user_id_mismatch_users"),
@@ -506,6 +404,7 @@ def stage_values(samples: Samples) -> dict[str, Any]:
 class FirstRun:
     samples: Samples
     stuck: dict[str, Any]
+    traces: dict[str, tuple[int, Any]]
     log: str
     exit_code: int
     ready_after: float
@@ -524,10 +423,9 @@ def first_run(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> FirstRun:
     """Start the exporter on the three real backends, scrape it once ready, stop it with SIGTERM."""
-    require_component("ODBC driver 'SQLite3'", "SQLite3" in odbc_drivers(), "apt-get install libsqliteodbc")
+    require_sqlite_odbc()
     workdir = tmp_path_factory.mktemp("pipeline")
     tenant, entra_ids = build_tenant(ad_accounts)
-    graph.sim.reset()
     graph.sim.add_tenant(tenant)
     discovered = (datetime.now(UTC) - timedelta(minutes=10)).replace(microsecond=0)
     database = workdir / "cm.sqlite"
@@ -545,16 +443,18 @@ def first_run(
             connection_string=f"DRIVER={{SQLite3}};Database={database}",
         )
     )
-    exporter = Exporter(config, workdir / "exporter-1.log")
+    exporter = Exporter(config, workdir / "exporter-1.log", ENV)
     try:
         ready_after = exporter.wait_ready()
-        samples = exporter.metrics()
-        stuck = exporter.stuck()
+        samples = exporter.wait_evaluated([ESTATE])
+        stuck = exporter.get_json("/stuck")
+        traces = {sam: exporter.trace(sam) for sam in IN_SCOPE}
     finally:
         exit_code = exporter.stop()
     return FirstRun(
         samples=samples,
         stuck=stuck,
+        traces=traces,
         log=exporter.log(),
         exit_code=exit_code,
         ready_after=ready_after,
@@ -581,7 +481,9 @@ def test_every_stage_and_side_fault_from_the_three_real_backends(first_run: Firs
     values = stage_values(samples)
     assert values["users"] == EXPECTED_USERS
     assert values["stuck"] == {stage: len(EXPECTED_STUCK.get(stage, ())) for stage in STAGES}
-    assert values["info"] == sorted((stage, sam) for stage, sams in EXPECTED_STUCK.items() for sam in sams)
+    assert values["info"] == sorted(
+        (stage, sam, EXPECTED_REASONS[sam][1]) for stage, sams in EXPECTED_STUCK.items() for sam in sams
+    )
     assert values["mismatch"] == EXPECTED_MISMATCH
     assert values["orphans"] == EXPECTED_ORPHANS
     assert values["missing"] == EXPECTED_MISSING_CLOUD_USER_ID
@@ -615,6 +517,10 @@ def test_stuck_endpoint_names_the_stuck_users_by_sam_at_their_stage(first_run: F
     assert estate["available"] is True
     listed = {stage: {u["user"] for u in item["users"]} for stage, item in estate["stages"].items()}
     assert listed == EXPECTED_STUCK
+    reasons = {
+        u["user"]: (stage, u["reason"]) for stage, item in estate["stages"].items() for u in item["users"]
+    }
+    assert reasons == {sam: EXPECTED_REASONS[sam] for sams in EXPECTED_STUCK.values() for sam in sams}
     assert {stage: item["count"] for stage, item in estate["stages"].items()} == {
         stage: len(sams) for stage, sams in EXPECTED_STUCK.items()
     }
@@ -622,6 +528,16 @@ def test_stuck_endpoint_names_the_stuck_users_by_sam_at_their_stage(first_run: F
     for sam in (AD_ONLY, NOT_IN_ENTRA):  # whenCreated, as Samba stored it
         assert epoch(entered[sam]) == first_run.accounts[sam].when_created.timestamp()
     assert entered[SYNCED] == OLD_ENTRA_CREATED  # Entra createdDateTime
+
+
+@pytest.mark.parametrize("sam", IN_SCOPE)
+def test_trace_endpoint_gives_every_user_its_stage_and_reason(first_run: FirstRun, sam: str) -> None:
+    status, document = first_run.traces[sam]
+    assert status == 200, document
+    assert (document["stage"], document["reason"]) == EXPECTED_REASONS[sam]
+    assert document["user"]["sam"] == sam
+    stuck = any(sam in sams for sams in EXPECTED_STUCK.values())
+    assert document["stuck"] is stuck
 
 
 def test_clean_shutdown_keeps_secrets_out_of_the_log(first_run: FirstRun) -> None:
@@ -649,7 +565,7 @@ def test_restart_with_configmgr_unreachable_keeps_the_last_good_values(
         )
     )
     restarted_at = time.time()
-    exporter = Exporter(config, first_run.workdir / "exporter-2.log")
+    exporter = Exporter(config, first_run.workdir / "exporter-2.log", ENV)
     try:
         exporter.wait_ready()  # at once, from the state file
         samples = _wait_for_refreshes(exporter, restarted_at)
