@@ -172,8 +172,8 @@ class Engine:
         thread.start()
 
     def stop(self, timeout: float = 4.0) -> None:
-        """Stop the threads, abort refreshes in progress and write the state one last time (within
-        ``timeout`` seconds; an interrupted write leaves the previous state intact)."""
+        """Stop the threads, abort refreshes in progress and write the state one last time, all within
+        ``timeout`` seconds (an interrupted write leaves the previous complete state intact)."""
         deadline = time.monotonic() + timeout
         self._stop.set()
         self._evaluate_needed.set()
@@ -184,8 +184,11 @@ class Engine:
                     source.close()
                 except Exception as exc:  # closing must never stop the shutdown
                     log.debug("closing %s failed: %s", source.describe(), exc)
+        # The threads are daemons: give them a moment to finish cleanly, but keep most of the budget
+        # for the last state write.
+        joins_end = time.monotonic() + min(1.0, timeout / 4)
         for thread in self._threads:
-            thread.join(max(0.0, min(1.0, deadline - time.monotonic())))
+            thread.join(max(0.0, joins_end - time.monotonic()))
         self.persist(deadline=deadline)
 
     def restore(self) -> None:
