@@ -113,6 +113,7 @@ class Engine:
         self._clock = clock
         self._store = state_store
         self._lock = threading.Lock()
+        self._persist_lock = threading.Lock()
         self._stop = threading.Event()
         self._evaluate_needed = threading.Event()
         self._persist_needed = threading.Event()
@@ -253,10 +254,24 @@ class Engine:
     def labeler(self) -> UserLabeler:
         return UserLabeler(self.config.user_label, self.label_key)
 
-    def persist(self, deadline: float | None = None) -> bool:
-        """Write the state file (only what changed); False if there is none or it was interrupted."""
+    def persist(self, deadline: float | None = None, *, background: bool = False) -> bool:
+        """Write the state file (only what changed); False if there is none or it was interrupted.
+
+        One writer at a time. A background write gives way as soon as the engine stops, so the last
+        write at shutdown starts at once (an interrupted write leaves the previous complete state).
+        """
         if self._store is None:
             return False
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._persist_lock.acquire(timeout=wait):
+            return False
+        try:
+            return self._persist(deadline, background)
+        finally:
+            self._persist_lock.release()
+
+    def _persist(self, deadline: float | None, background: bool) -> bool:
+        assert self._store is not None
         with self._lock:
             state = SavedState(label_key=self._label_key)
             for name, estate in self._estates.items():
@@ -276,6 +291,8 @@ class Engine:
                 )
 
         def should_stop() -> bool:
+            if background and self._stop.is_set():
+                return True
             return deadline is not None and time.monotonic() > deadline
 
         try:
@@ -333,7 +350,7 @@ class Engine:
                 continue
             self._persist_needed.clear()
             self._persist_urgent = False
-            if self.persist(deadline=None if not self._stop.is_set() else time.monotonic()):
+            if self.persist(background=True):
                 last_write = time.monotonic()
                 self._state_write_failing = False
 
