@@ -3,6 +3,7 @@
 python -m benchmarks.scale run --users 100000          # the whole measurement
 python -m benchmarks.scale generate --users 100000     # only the estate files and truth.json
 python -m benchmarks.scale serve --users 10000         # the three servers and a config, until Ctrl-C
+python -m benchmarks.scale table a.json b.json         # Markdown table of runs written with --json
 """
 
 from __future__ import annotations
@@ -53,11 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(generate)
     serve = commands.add_parser("serve", help="start the servers and write an exporter config, until Ctrl-C")
     _add_common(serve)
+    table = commands.add_parser("table", help="a Markdown table comparing the --json files of runs")
+    table.add_argument("results", nargs="+", type=Path)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "table":
+        from benchmarks.scale.report import comparison_table
+
+        documents = [json.loads(path.read_text()) for path in args.results]
+        print("\n".join(comparison_table(documents)))
+        return 0
     params = EstateParams(args.users, args.seed, args.connector_critical, args.discovery_critical)
     directory = args.data_dir or Path(f"/tmp/intune-scale/{args.users}")
     if args.command == "generate":

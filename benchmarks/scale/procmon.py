@@ -153,6 +153,17 @@ class Sampler:
         share = (t - before.t) / (after.t - before.t) if after.t > before.t else 1.0
         return value(before) + share * (value(after) - value(before))
 
+    def last_idle_before(self, moment: float, after: float, busy_share: float = 0.2) -> float | None:
+        """The last sample time in (after, moment) ending an interval in which the process used
+        less than ``busy_share`` of one core; None if it was busy all along."""
+        found = None
+        for before, sample in zip(self.samples, self.samples[1:], strict=False):
+            if sample.t <= after or sample.t >= moment:
+                continue
+            if sample.cpu - before.cpu < busy_share * (sample.t - before.t):
+                found = sample.t
+        return found
+
     def peak_rss_mib(self, start: float = 0.0, end: float = float("inf")) -> float:
         inside = [s.rss_kib for s in self.samples if start <= s.t <= end]
         return max(inside, default=0) / 1024

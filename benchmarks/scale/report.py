@@ -219,3 +219,121 @@ def as_json(results: Results) -> dict[str, Any]:
     if results.floor is not None:
         document["floor"]["total_cpu"] = results.floor.total_cpu
     return document
+
+
+# ------------------------------------------------------------------------------- comparison
+def _get(document: dict[str, Any], *path: str) -> Any:
+    value: Any = document
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def _fmt(value: Any, unit: str = "s", digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value != value:  # NaN
+        return "-"
+    return f"{value:.{digits}f}{unit}" if isinstance(value, int | float) else str(value)
+
+
+def _users_pages(document: dict[str, Any], phase: str) -> str:
+    requests = _get(document, "phases", *phase.split("."), "graph_requests") or {}
+    if not requests:
+        return "-"
+    pages = requests.get("users", 0)
+    delta = requests.get("usersDelta", 0)
+    return f"{pages} + {delta} delta" if delta else str(pages)
+
+
+def _ad_entries(document: dict[str, Any], phase: str) -> str:
+    entries = _get(document, "phases", *phase.split("."), "ad_entries")
+    return "-" if entries is None else str(entries)
+
+
+def _latency(document: dict[str, Any], phase: str) -> str:
+    row = _get(document, "scrape_latency", phase)
+    if not row or not row.get("requests"):
+        return "-"
+    return f"{row['p50_ms']:.0f} / {row['p99_ms']:.0f} ms"
+
+
+def _checks(document: dict[str, Any]) -> str:
+    checks = document.get("checks") or []
+    failed = [c["label"] for c in checks if not c["ok"]]
+    return "all exact" if checks and not failed else f"differ: {', '.join(failed)}" if failed else "-"
+
+
+def _at(*path: str, unit: str = "s", digits: int = 1) -> Any:
+    return lambda d: _fmt(_get(d, *path), unit, digits)
+
+
+def _pair(first: Any, second: Any) -> Any:
+    return lambda d: f"{first(d)} / {second(d)}"
+
+
+def _longest_write(document: dict[str, Any]) -> str:
+    writes = _get(document, "phases", "main_process", "state_writes")
+    return _fmt(max(writes)) if writes else "-"
+
+
+_ROWS: tuple[tuple[str, Any], ...] = (
+    ("HTTP answers after", _at("phases", "start", "http_seconds", digits=2)),
+    ("`/-/ready` after (first start)", _at("phases", "start", "ready_seconds")),
+    ("first full refresh: AD", _at("phases", "first_refresh", "durations", "ad")),
+    ("first full refresh: Entra users", _at("phases", "first_refresh", "durations", "entra")),
+    ("first full refresh: ConfigMgr", _at("phases", "first_refresh", "durations", "configmgr")),
+    ("exporter CPU, first full refresh", _at("phases", "first_refresh", "cpu")),
+    ("decoding floor (ldap3 + json + pyodbc) CPU", _at("floor", "total_cpu")),
+    ("AD alone: CPU to ready", _at("solo", "ad", "cpu_to_ready")),
+    ("Entra alone: CPU to ready", _at("solo", "entra", "cpu_to_ready")),
+    ("ConfigMgr alone: CPU to ready", _at("solo", "configmgr", "cpu_to_ready")),
+    ("Graph users pages, full read", lambda d: _users_pages(d, "first_refresh")),
+    ("Graph users pages, after 1% change", lambda d: _users_pages(d, "second_refresh")),
+    ("AD entries, full read", lambda d: _ad_entries(d, "first_refresh")),
+    ("AD entries, after 1% change", lambda d: _ad_entries(d, "second_refresh")),
+    ("refresh after 1% change: wall", _at("phases", "second_refresh", "wall")),
+    ("refresh after 1% change: exporter CPU", _at("phases", "second_refresh", "cpu")),
+    ("RSS at first ready", _at("phases", "first_refresh", "rss_at_ready_mib", unit=" MiB", digits=0)),
+    ("peak RSS (VmHWM), first process", _at("phases", "main_process", "peak_rss_mib", unit=" MiB", digits=0)),
+    ("state file size", _at("phases", "main_process", "state_file_mib", unit=" MiB")),
+    ("longest state write", _longest_write),
+    (
+        "restart with state: HTTP / ready",
+        _pair(
+            _at("phases", "restart", "http_seconds", digits=2),
+            _at("phases", "restart", "ready_seconds", digits=2),
+        ),
+    ),
+    (
+        "first refresh after restart: Graph pages / AD entries",
+        _pair(
+            lambda d: _users_pages(d, "restart.first_refresh"),
+            lambda d: _ad_entries(d, "restart.first_refresh"),
+        ),
+    ),
+    (
+        "SIGTERM to exit: idle / during a refresh",
+        _pair(_at("phases", "sigterm_idle", "seconds"), _at("phases", "sigterm_during_refresh", "seconds")),
+    ),
+    ("`/metrics` p50 / p99, first refresh", lambda d: _latency(d, "first refresh")),
+    ("`/metrics` p50 / p99, refresh", lambda d: _latency(d, "refresh")),
+    ("`/metrics` p50 / p99, state write", lambda d: _latency(d, "state write")),
+    ("`/metrics` p50 / p99, quiet", lambda d: _latency(d, "quiet")),
+    ("stage counts vs ground truth", _checks),
+    ("load average at start", lambda d: _get(d, "load_average", "start") or "-"),
+)
+
+
+def comparison_table(documents: list[dict[str, Any]]) -> list[str]:
+    """A Markdown table, one column per results file (--json of a run)."""
+    headers = []
+    for document in documents:
+        revision = _get(document, "options", "exporter_rev") or "installed"
+        headers.append(f"{int(_get(document, 'options', 'users') or 0):,} users, {revision}")
+    lines = ["| | " + " | ".join(headers) + " |", "|---|" + "---|" * len(documents)]
+    for title, cell in _ROWS:
+        lines.append(f"| {title} | " + " | ".join(str(cell(d)) for d in documents) + " |")
+    return lines

@@ -273,6 +273,7 @@ class Results:
     floor: Floor | None = None
     warnings: list[str] = field(default_factory=list)
     load_average: dict[str, str] = field(default_factory=dict)  # other work on the machine skews figures
+    timeline: dict[str, Any] = field(default_factory=dict)  # raw windows, for a second look afterwards
 
 
 def _diff(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
@@ -431,9 +432,17 @@ class Driver:
                 samples = scrapers.stop()
             sampler.stop()
             exporter.kill()
+        writes = self._write_windows(sampler, poller)
         results.scrape_latency = report.latency_by_phase(
-            samples, t0, t_ready, poller.refresh_windows(), self._write_windows(sampler, poller)
+            samples, t0, t_ready, poller.refresh_windows(), writes
         )
+        results.timeline = {
+            "start": t0,
+            "ready": t_ready,
+            "refreshes": poller.refresh_windows(),
+            "state_writes": writes,
+            "state_file_changes": [(c.t, c.size) for c in sampler.file_changes],
+        }
         results.phases["main_process"] = {
             "peak_rss_mib": sampler.hwm_mib(),
             "cpu_total": sampler.last_cpu(),
@@ -557,13 +566,19 @@ class Driver:
         return 0.0
 
     def _write_windows(self, sampler: Sampler, poller: StatusPoller) -> list[tuple[float, float]]:
-        """(start, end) of each state write: from the refresh end that made it due to the rename."""
+        """(start, end) of each state write, ending when the state file was replaced.
+
+        It starts at the end of the refresh that made the write due, or, for an exporter that
+        defers its writes (at most one per interval), at the last moment the process was idle
+        before the rename: serialising is busy work, waiting is not.
+        """
         ends = sorted(w[2] for w in poller.refresh_windows())
         windows, previous = [], 0.0
         for change in sampler.file_changes:
             due = [end for end in ends if previous < end <= change.t]
             if due:
-                windows.append((due[0], change.t))
+                idle = sampler.last_idle_before(change.t, after=due[0])
+                windows.append((idle if idle is not None else due[0], change.t))
             previous = change.t
         return windows
 
