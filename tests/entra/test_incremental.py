@@ -3,17 +3,18 @@ full read at that moment; expired, rejected or inconsistent delta state falls ba
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from exporter.model import EntraTable, EntraUser
 from exporter.sources.entra import EntraUsersSource
+from exporter.state import EstateState, SavedState, SourceState, StateStore
 from tests.entra import tenant_data
 from tests.entra.conftest import Harness
 from tests.entra.graph_sim import GraphSimulator, SimApp
@@ -229,11 +230,16 @@ def test_other_tenant_or_selection_falls_back(sim: GraphSimulator, entra: Harnes
     assert source.refresh(without).meta["read"] == "full"
 
 
-def test_restart_continues_from_the_restored_table(sim: GraphSimulator, entra: Harness) -> None:
-    """The delta link lives in the table's meta, which the state file keeps (JSON)."""
+def test_restart_continues_from_the_restored_table(
+    sim: GraphSimulator, entra: Harness, tmp_path: Path
+) -> None:
+    """The delta link lives in the table's meta, which the state file keeps."""
     first = entra.users().refresh(None)
-    restored_meta = json.loads(json.dumps(first.meta))
-    restored = first.derive(first.columns(), first.children, restored_meta)
+    store = StateStore(tmp_path / "state.json")
+    source_state = SourceState(first, up=True, last_success=time.time(), duration=1.0)
+    assert store.save(SavedState({"e": EstateState("hybrid_mdm", {"entra": source_state})}), time.time())
+    restored = StateStore(tmp_path / "state.json").load().estates["e"].sources["entra"].data
+    assert isinstance(restored, EntraTable) and restored.meta["delta_link"] == first.meta["delta_link"]
     sim.patch_user(TID, tenant_data.user_id(1), accountEnabled=False)
     after_restart = entra.users()  # a new process: new client, new token
     with Counter(sim) as counter:
@@ -241,6 +247,7 @@ def test_restart_continues_from_the_restored_table(sim: GraphSimulator, entra: H
     assert table.meta["read"] == "incremental"
     assert counter.counts == {"usersDelta": 1, "users": 1}
     assert users_of(table)[tenant_data.user_id(1)].account_enabled is False
+    assert_equal_to_full_read(entra, table)
 
 
 # ---------------------------------------------------------------------------- licence states
