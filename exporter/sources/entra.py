@@ -64,11 +64,11 @@ from exporter.sources.base import Source, SourceError
 from exporter.sources.entra_licences import GroupNames, Licences, replace_licences, used_groups
 from exporter.sources.graph import Endpoint, GraphClient, GraphError, GraphSource, RetryBudget, page_values
 from exporter.sources.graph_records import (
-    LICENSE_PROPERTIES,
     ORGANIZATION_PROPERTIES,
     USER_PROPERTIES,
     ShapeError,
     carries_every_property,
+    license_properties,
     merge_user,
     parse_licences,
     parse_organization,
@@ -76,6 +76,7 @@ from exporter.sources.graph_records import (
     parse_subscription,
     parse_user,
     user_id_of,
+    user_properties,
 )
 
 log = logging.getLogger(__name__)
@@ -117,9 +118,12 @@ class EntraUsersSource(GraphSource):
         *,
         license_refresh_interval: float = DEFAULT_LICENSE_REFRESH_INTERVAL,
         clock: Callable[[], float] = time.time,
+        license_states: bool = True,
     ) -> None:
         super().__init__(config, client)
         self.license_refresh_interval = license_refresh_interval
+        # licenseAssignmentStates and usageLocation: read for cloud estates (their licence stage).
+        self.properties = user_properties(license_states)
         self._clock = clock
         self._groups = GroupNames(clock=clock)
 
@@ -144,7 +148,11 @@ class EntraUsersSource(GraphSource):
             log.info("Entra users of %s: full read, because %s", self.describe(), reason)
         return self._full_read(budget)
 
-    def users_url(self, properties: Sequence[str] = USER_PROPERTIES) -> str:
+    def _sweep_url(self) -> str:
+        return self.users_url(license_properties("licenseAssignmentStates" in self.properties))
+
+    def users_url(self, properties: Sequence[str] | None = None) -> str:
+        properties = self.properties if properties is None else properties
         query = urlencode({"$select": ",".join(properties), "$top": self.config.page_size}, safe="$,")
         return self.client.url(f"/v1.0/users?{query}")
 
@@ -166,7 +174,7 @@ class EntraUsersSource(GraphSource):
 
     def _latest_delta_link(self, budget: RetryBudget) -> str | None:
         """A delta link that tracks changes from now on (``$deltatoken=latest`` answers at once)."""
-        query = urlencode({"$select": ",".join(USER_PROPERTIES), "$deltatoken": "latest"}, safe="$,")
+        query = urlencode({"$select": ",".join(self.properties), "$deltatoken": "latest"}, safe="$,")
         url = self.client.url(f"/v1.0/users/delta?{query}")
         try:
             body = self.client.get_json("usersDelta", url, budget)
@@ -218,7 +226,7 @@ class EntraUsersSource(GraphSource):
     # ------------------------------------------------------------------ incremental read
     def _delta_scope(self) -> str:
         """What a delta link is valid for: this Graph, tenant and property selection."""
-        scope = f"{self.config.graph_url}|{self.config.tenant_id}|{','.join(USER_PROPERTIES)}"
+        scope = f"{self.config.graph_url}|{self.config.tenant_id}|{','.join(self.properties)}"
         return hashlib.sha256(scope.encode("utf-8")).hexdigest()[:16]
 
     def _delta_unusable(self, held: EntraTable) -> str | None:
@@ -288,7 +296,9 @@ class EntraUsersSource(GraphSource):
 
     def _apply(self, held: EntraTable, changes: dict[str, dict[str, Any] | None]) -> EntraTable:
         partial = [
-            uid for uid, item in changes.items() if item is not None and not carries_every_property(item)
+            uid
+            for uid, item in changes.items()
+            if item is not None and not carries_every_property(item, self.properties)
         ]
         bases = _held_users(held, partial)
         upserts: list[EntraUser] = []
@@ -317,7 +327,7 @@ class EntraUsersSource(GraphSource):
     def _sweep_licences(self, table: EntraTable, budget: RetryBudget, started: float) -> EntraTable:
         """Every user's licences read again (delta does not report licence state changes)."""
         fresh: dict[bytes, Licences] = {}
-        for page in self.client.get_pages("users", self.users_url(LICENSE_PROPERTIES), budget):
+        for page in self.client.get_pages("users", self._sweep_url(), budget):
             for item in page:
                 try:
                     user_id = user_id_of(item)
@@ -418,7 +428,7 @@ class EntraUsersSource(GraphSource):
         expression = f"{prop} eq {literals[0]}" if len(literals) == 1 else f"{prop} in ({','.join(literals)})"
         first = prop in _ADVANCED_FILTER
         for advanced in (first, not first):
-            query: dict[str, Any] = {"$filter": expression, "$select": ",".join(USER_PROPERTIES), "$top": 999}
+            query: dict[str, Any] = {"$filter": expression, "$select": ",".join(self.properties), "$top": 999}
             if advanced:
                 query["$count"] = "true"
             url = self.client.url(f"/v1.0/users?{urlencode(query, quote_via=quote, safe='$,()')}")
@@ -489,13 +499,16 @@ def build_entra_sources(
     *,
     devices: bool = False,
     license_refresh_interval: float = DEFAULT_LICENSE_REFRESH_INTERVAL,
+    license_states: bool = True,
 ) -> list[Source]:
     """The Graph sources of one estate, sharing one Graph client (one token cache per tenant)."""
     from exporter.sources.devices import IntuneDevicesSource
 
     client = GraphClient(config)
     sources: list[Source] = [
-        EntraUsersSource(config, client, license_refresh_interval=license_refresh_interval)
+        EntraUsersSource(
+            config, client, license_refresh_interval=license_refresh_interval, license_states=license_states
+        )
     ]
     if config.licenses:
         sources.append(EntraOrganizationSource(config, client))

@@ -31,13 +31,14 @@ def build_estate_sources(estate: EstateConfig) -> list[Source]:
     if estate.entra is not None:
         from exporter.sources.entra import DEFAULT_LICENSE_REFRESH_INTERVAL, build_entra_sources
 
-        # A config key of its own may come; until then the source's default applies.
         interval = getattr(estate.entra, "license_refresh_interval", None)
         sources.extend(
             build_entra_sources(
                 estate.entra,
                 devices=reads_devices(estate),
                 license_refresh_interval=DEFAULT_LICENSE_REFRESH_INTERVAL if interval is None else interval,
+                # Licence states are what the cloud chain's licence stage and reasons are made of.
+                license_states=estate.pipeline == "cloud",
             )
         )
     if estate.configmgr is not None:

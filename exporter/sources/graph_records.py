@@ -25,8 +25,10 @@ from exporter.model import (
 
 # The user properties every read selects (full read, delta, licence sweep, look-ups): exactly what
 # EntraUser holds. Fewer properties also mean fewer delta changes to read (a property that is not
-# selected does not make a user surface in /users/delta).
-USER_PROPERTIES = (
+# selected does not make a user surface in /users/delta). The licence states and usage location are
+# only read where the cloud chain needs them (its licence stage and reasons, and the licence
+# assignment error metric of cloud estates).
+HYBRID_USER_PROPERTIES = (
     "id",
     "userPrincipalName",
     "accountEnabled",
@@ -36,11 +38,20 @@ USER_PROPERTIES = (
     "onPremisesSecurityIdentifier",
     "onPremisesProvisioningErrors",
     "assignedLicenses",
-    "licenseAssignmentStates",
-    "usageLocation",
 )
-# What the licence sweep reads (changes of licenseAssignmentStates are invisible to /users/delta).
-LICENSE_PROPERTIES = ("id", "assignedLicenses", "licenseAssignmentStates")
+USER_PROPERTIES = (*HYBRID_USER_PROPERTIES, "licenseAssignmentStates", "usageLocation")
+
+
+def user_properties(license_states: bool) -> tuple[str, ...]:
+    return USER_PROPERTIES if license_states else HYBRID_USER_PROPERTIES
+
+
+def license_properties(license_states: bool) -> tuple[str, ...]:
+    """What the licence sweep reads (changes of licenseAssignmentStates are invisible to /users/delta)."""
+    sweep = ("id", "assignedLicenses")
+    return (*sweep, "licenseAssignmentStates") if license_states else sweep
+
+
 ORGANIZATION_PROPERTIES = ("id", "onPremisesSyncEnabled", "onPremisesLastSyncDateTime")
 DEVICE_PROPERTIES = (
     "id",
@@ -86,8 +97,8 @@ def merge_user(held: EntraUser, item: dict[str, Any]) -> EntraUser:
     return dataclasses.replace(held, **user_fields(item, f"user {held.id}"))
 
 
-def carries_every_property(item: dict[str, Any]) -> bool:
-    return all(name in item for name in USER_PROPERTIES)
+def carries_every_property(item: dict[str, Any], properties: tuple[str, ...] = USER_PROPERTIES) -> bool:
+    return all(name in item for name in properties)
 
 
 def user_fields(item: dict[str, Any], what: str) -> dict[str, Any]:
