@@ -828,6 +828,11 @@ class EntraConfig(_Section):
         description="Read the display names of licence-assigning groups (needs GroupMember.Read.All); "
         "false shows group ids instead.",
     )
+    license_refresh_interval: Annotated[float, Seconds(0.0, MAX_INTERVAL)] = Field(
+        default=HOUR,
+        description="/users/delta does not report licence state changes: every user's licences are "
+        "read again this often (0s = every refresh; tenants under 10,000 users are read every refresh).",
+    )
 
     @classmethod
     def _raw_problems(cls, data: dict[str, Any]) -> list[Problem]:

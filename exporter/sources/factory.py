@@ -29,14 +29,13 @@ def build_estate_sources(estate: EstateConfig) -> list[Source]:
 
         sources.append(ActiveDirectorySource(estate.active_directory))
     if estate.entra is not None:
-        from exporter.sources.entra import DEFAULT_LICENSE_REFRESH_INTERVAL, build_entra_sources
+        from exporter.sources.entra import build_entra_sources
 
-        interval = getattr(estate.entra, "license_refresh_interval", None)
         sources.extend(
             build_entra_sources(
                 estate.entra,
                 devices=reads_devices(estate),
-                license_refresh_interval=DEFAULT_LICENSE_REFRESH_INTERVAL if interval is None else interval,
+                license_refresh_interval=estate.entra.license_refresh_interval,
                 # Licence states are what the cloud chain's licence stage and reasons are made of.
                 license_states=estate.pipeline == "cloud",
             )
