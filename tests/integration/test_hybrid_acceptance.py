@@ -59,12 +59,30 @@ def test_users_and_stuck_users_per_stage(hybrid_run: HybridRun, spec: he.EstateS
     samples = hybrid_run.samples
     users = he.expected_users(spec)
     assert _stage_values(samples, spec.name, "intune_provisioning_users") == users
+    # Every stage value is always present; intune_enabled is never stuck.
     stuck = {stage: (0 if stage == "intune_enabled" else n) for stage, n in users.items()}
-    got = _stage_values(samples, spec.name, "intune_provisioning_stuck_users")
-    # intune_enabled is never stuck; whether its series exists is the exporter's choice.
-    if got["intune_enabled"] is None:
-        del got["intune_enabled"], stuck["intune_enabled"]
-    assert got == stuck
+    assert _stage_values(samples, spec.name, "intune_provisioning_stuck_users") == stuck
+
+
+@pytest.mark.parametrize("spec", he.ESTATES, ids=lambda s: s.name)
+def test_oldest_entry_per_stage_comes_from_the_evidence(hybrid_run: HybridRun, spec: he.EstateSpec) -> None:
+    built = hybrid_run.backends.estates[spec.name]
+    at_stage = {stage: [s for s in spec.in_scope() if s.stage == stage] for stage in he.HYBRID_STAGES}
+    expected = {
+        "ad_created": min(built.accounts[s.sam].when_created for s in at_stage["ad_created"]).timestamp(),
+        "entra_synced": min(epoch(s.entra_created) for s in at_stage["entra_synced"]),
+        "cm_discovered": built.discovered.timestamp(),
+    }
+    found = {
+        stage: value(
+            hybrid_run.samples,
+            "intune_provisioning_stage_oldest_entry_timestamp_seconds",
+            spec.name,
+            provisioning_stage=stage,
+        )
+        for stage in expected
+    }
+    assert found == expected
 
 
 @pytest.mark.parametrize("spec", he.ESTATES, ids=lambda s: s.name)
