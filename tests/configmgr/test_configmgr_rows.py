@@ -3,6 +3,7 @@ component selection and error classification, on plain Python data."""
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -28,8 +29,10 @@ from exporter.sources.configmgr import (
     ComponentRow,
     DeadlineReached,
     MalformedResultError,
+    NotFast,
     RowError,
     RowNotes,
+    UserColumns,
     classify_odbc_error,
     clip_text,
     cloud_user_id,
@@ -492,3 +495,76 @@ def test_same_content_sees_rows_and_components() -> None:
     assert not same_content(_table(_user(1)), _table(_user(1), _user(2)))
     component = CmComponent("PS1", "CM01", "SMS_CLOUD_USERSYNC", 2)
     assert not same_content(_table(_user(1)), _table(_user(1), components=(component,)))
+
+
+# ------------------------------------------------------------------- column-wise conversion
+def _random_value(rng: random.Random, column: str) -> object:
+    """Values as the drivers hand them over, mostly usual, some that only the row path handles."""
+    guid = uuid.UUID(int=rng.getrandbits(128))
+    choices: dict[str, list[object]] = {
+        "ResourceID": [rng.randrange(1, 2**40)],
+        "Unique_User_Name0": [
+            None,
+            "",
+            "  ",
+            f"CONTOSO\\u{rng.randrange(10**6)} ",
+            "no-backslash",
+            "Zoë",
+            "李" * 400,
+        ],
+        "User_Principal_Name0": [None, f"U{rng.randrange(10**6)}@Contoso.com", " x@y ", "é" * 600],
+        "SID0": [None, "", f"s-1-5-21-{rng.randrange(10**9)}", f"S-1-5-21-1-{rng.randrange(10**9)} "],
+        "Object_GUID0": [None, guid.bytes_le, guid.bytes],
+        "Creation_Date0": [
+            None,
+            datetime(2020, 1, 1) + timedelta(microseconds=rng.randrange(10**14)),
+            datetime(1960, 5, 4, 3, 2, 1, 999999),
+        ],
+        "CloudUserId": [None, "", str(guid).upper(), "{" + str(guid) + "}", " " + str(guid).upper() + " "],
+    }
+    slow: dict[str, list[object]] = {
+        "ResourceID": [Decimal(rng.randrange(1, 10**6))],
+        "Unique_User_Name0": [b"CONTOSO\\b"],
+        "SID0": [sid_to_bytes("S-1-5-21-1-2-3-4")],
+        "Object_GUID0": [("{" + str(guid).upper() + "}").encode("ascii"), str(guid)],
+        "Creation_Date0": ["2024-01-02 03:04:05.1234567", datetime(2024, 1, 2, tzinfo=UTC)],
+        "CloudUserId": [guid.bytes_le, str(guid).replace("-", "")],
+    }
+    pool = choices[column] + (slow.get(column, []) if rng.random() < 0.02 else [])
+    return rng.choice(pool)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_column_wise_conversion_equals_the_row_by_row_records(seed: int) -> None:
+    rng = random.Random(seed)
+    collections = ("PS100012", "PS100013")
+    batches = []
+    for _ in range(8):
+        batches.append(
+            [
+                tuple(_random_value(rng, column) for column in USER_COLUMNS)
+                for _ in range(rng.choice([1, 50, 300]))
+            ]
+        )
+    members = {row[0]: (rng.choice(collections),) for batch in batches for row in batch if rng.random() < 0.5}
+    index = {name: position for position, name in enumerate(USER_COLUMNS)}
+    fast = UserColumns(collections, members)  # type: ignore[arg-type]
+    fast_notes, row_notes = RowNotes(), RowNotes()
+    records: list[CmUser] = []
+    fell_back = 0
+    for batch in batches:
+        try:
+            fast.add_batch(batch, index, fast_notes)
+        except NotFast:
+            fell_back += 1
+            for values in batch:
+                fast.add(user_from_row(values, index, members, fast_notes))  # type: ignore[arg-type]
+        for values in batch:
+            records.append(user_from_row(values, index, members, row_notes))  # type: ignore[arg-type]
+    components = (CmComponent("PS1", "CM01", "SMS_CLOUD_USERSYNC", 0),)
+    table = fast.build(components)
+    expected = CmTable.from_records(records, components, collections)
+    assert same_content(table, expected)
+    assert table.meta == expected.meta
+    assert fast_notes.clipped == row_notes.clipped > 0
+    assert fell_back < len(batches)  # most batches took the column-wise path

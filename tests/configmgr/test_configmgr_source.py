@@ -12,6 +12,7 @@ import pytest
 from exporter.ids import guid_bytes
 from exporter.model import CmComponent, CmTable, CmUser
 from exporter.sources.base import Source, SourceError
+from exporter.sources.configmgr import NotFast, UserColumns, same_content
 from tests.configmgr import cmdb
 from tests.configmgr.conftest import BULK_USERS, DatabaseFactory
 
@@ -287,3 +288,14 @@ def test_no_convertible_user_row_at_all_is_a_data_error(database_factory: Databa
         refresh(cmdb.make_source(connection_string))
     assert caught.value.reason == "data"
     assert "none of the 1 v_R_User rows" in caught.value.message
+
+
+def test_column_wise_read_equals_the_row_by_row_read(bulk_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast = refresh(cmdb.make_source(bulk_db, (cmdb.INTUNE,)))
+
+    def row_by_row(*args: object) -> None:
+        raise NotFast()
+
+    monkeypatch.setattr(UserColumns, "add_batch", row_by_row)
+    slow = refresh(cmdb.make_source(bulk_db, (cmdb.INTUNE,)))
+    assert same_content(fast, slow) and fast.meta == slow.meta
