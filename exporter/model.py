@@ -796,18 +796,36 @@ def _merge(old: Any, new_rows: Any, changed: set[bytes], guid_column: str) -> An
     new_rows = _last_of_each(new_rows, guid_column)
     kept = old
     if changed and old.n:
-        wanted = np.frombuffer(b"".join(sorted(changed)), dtype="V16")
-        old_halves = np.ascontiguousarray(old.array(guid_column)).view("<u8").reshape(-1, 2)
-        wanted_halves = wanted.view("<u8").reshape(-1, 2)
-        # Exact 16-byte comparison, vectorised: both halves of the GUID must match.
-        pairs = np.rec.fromarrays([old_halves[:, 0], old_halves[:, 1]])
-        targets = np.rec.fromarrays([wanted_halves[:, 0], wanted_halves[:, 1]])
-        keep = ~np.isin(pairs, targets)
-        kept = old.take(np.flatnonzero(keep))
+        drop = _rows_with_guids(old, guid_column, np.frombuffer(b"".join(sorted(changed)), dtype="V16"))
+        if len(drop):
+            keep = np.ones(old.n, dtype=np.bool_)
+            keep[drop] = False
+            kept = old.take(np.flatnonzero(keep))
     meta = {**old.meta, **new_rows.meta}
     if not new_rows.n:
         return kept.derive(kept.columns(), kept.children, meta)
     return type(old).concat([kept, new_rows], meta=meta)
+
+
+def _rows_with_guids(table: Any, guid_column: str, wanted: Any) -> I64:
+    """Rows of ``table`` whose GUID is one of ``wanted``: a look-up of each wanted GUID's key in
+    the table's sorted key index (cost grows with the changes, not the table), then an exact check."""
+    held = np.ascontiguousarray(table.array(guid_column))
+    index = table.cached(f"guid_index:{guid_column}", lambda: SortedIndex.build(guid_keys(held)))
+    keys = guid_keys(wanted)
+    low = np.searchsorted(index.keys, keys, side="left")
+    high = np.searchsorted(index.keys, keys, side="right")
+    counts = high - low
+    if not counts.any():
+        return np.zeros(0, dtype=np.int64)
+    # Every candidate position (a key may, with probability 2^-64, belong to several rows).
+    owner = np.repeat(np.arange(len(keys)), counts)
+    positions = np.repeat(low - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(
+        counts.sum()
+    )
+    rows = index.order[positions]
+    same = (held[rows].view("<u8").reshape(-1, 2) == wanted[owner].view("<u8").reshape(-1, 2)).all(axis=1)
+    return np.unique(rows[same])
 
 
 def _last_of_each(table: Any, guid_column: str) -> Any:
