@@ -36,7 +36,7 @@ from exporter.pipelines.evaluation import (
 )
 from exporter.snapshot import EstateSnapshot, Snapshot, SourceStatus
 from exporter.sources.base import Source, SourceError, abort_source, http_stats_of
-from exporter.state import EstateState, SavedState, SourceState, StateStore
+from exporter.state import EstateState, SavedState, SourceState, StateStore, content_key
 from exporter.tables import Table
 
 log = logging.getLogger(__name__)
@@ -433,7 +433,9 @@ class Engine:
             return
         with self._lock:
             first_data = source.kind not in estate.data
-            changed = estate.data.get(source.kind) is not data
+            old = estate.data.get(source.kind)
+            changed = old is not data  # something to persist (if only a new delta link)
+            content_changed = old is None or not same_content(old, data)  # something to evaluate
             estate.data[source.kind] = data
             status = estate.status[source.kind]
             full = not isinstance(data, Table) or data.meta.get("read", "full") == "full"
@@ -449,7 +451,7 @@ class Engine:
                 warning=data.meta.get("warning") if isinstance(data, Table) else None,
                 full_read_at=now if full and changed else status.full_read_at,
             )
-            if changed:
+            if content_changed:
                 estate.dirty = True
         if changed:
             self._persist_urgent = self._persist_urgent or first_data
@@ -545,6 +547,14 @@ class Engine:
             refreshing=running,
             state_write_failures=self.state_write_failures,
         )
+
+
+def same_content(old: SourceData, new: SourceData) -> bool:
+    """Whether a refresh brought the same data: tables sharing every column object (only their meta
+    changed, e.g. a new delta link), or equal small records (the organization)."""
+    if isinstance(old, Table) and isinstance(new, Table):
+        return type(old) is type(new) and content_key(old) == content_key(new)
+    return old == new
 
 
 def _unexpected(error: BaseException, source: Source) -> SourceError:

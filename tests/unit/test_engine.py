@@ -348,3 +348,17 @@ def test_hash_label_key_is_generated_once_and_kept_in_the_state_file(tmp_path):
     again = engine_with([FakeSource("ad", ad(ad_user("x")))], store=StateStore(tmp_path / "state.json"))
     again.restore()
     assert again.label_key == key
+
+
+def test_a_new_table_with_the_same_columns_is_not_evaluated_again():
+    """An incremental read that found no change returns a table whose columns are the very same
+    objects (only its meta, e.g. the delta link, moved): nothing to evaluate, only to persist."""
+    sources = three_sources()
+    engine = engine_with(sources)
+    engine.refresh_all()
+    first = engine.snapshot().estates[0].evaluation
+    held = sources[0].behaviour
+    sources[0].behaviour = held.derive(held.columns(), held.children, {**held.meta, "delta_link": "x"})
+    engine.refresh("contoso", "ad")
+    assert engine.snapshot().estates[0].evaluation is first
+    assert engine.snapshot().estates[0].ad.meta["delta_link"] == "x"
