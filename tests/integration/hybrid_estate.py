@@ -103,6 +103,7 @@ class Scenario:
     collections: tuple[str, ...] = ()
     cloud_user_id: str | None = None  # "self" | "other:<sam>" | "cloud:<upn>" | "unknown"
     stale_record: bool = False  # a ConfigMgr record with this UPN and none of its keys
+    ad_upn: bool = True  # False: the AD account has no userPrincipalName
 
 
 @dataclass(frozen=True)
@@ -274,6 +275,15 @@ BRANCH = EstateSpec(
         Scenario("b.conf.upn", "ad_created", "entra_cloud_user_conflict", conflict="upn"),
         Scenario("b.stale", "entra_synced", "configmgr_stale_record", entra="sid", stale_record=True),
         Scenario("b.undisc", "entra_synced", "configmgr_not_discovered", entra="imm"),
+        # No UPN in AD: a ConfigMgr record without UPN is no stale record of it.
+        Scenario(
+            "b.noupn",
+            "entra_synced",
+            "configmgr_not_discovered",
+            entra="sid",
+            entra_upn="b.noupn@branch.onmicrosoft.com",
+            ad_upn=False,
+        ),
         Scenario("b.notcoll", "cm_discovered", "not_in_intune_collection", entra="sid", cm="sid"),
         Scenario(
             "b.pending",
@@ -353,7 +363,7 @@ def create_ad(samba_dc: SambaDC) -> tuple[str, dict[str, AdAccount]]:
     """The accounts of both estates and the service account; returns (bind UPN, accounts)."""
     bind_user = create_service_account(samba_dc, SERVICE_SAM, SERVICE_PASSWORD)
     users = [
-        NewUser(_ou_of(spec, s), s.sam, _upn(s.sam), enabled=s.where != "disabled")
+        NewUser(_ou_of(spec, s), s.sam, _upn(s.sam) if s.ad_upn else None, enabled=s.where != "disabled")
         for spec in ESTATES
         for s in spec.scenarios
     ]
@@ -529,8 +539,8 @@ def build_configmgr(
                     domain=NETBIOS,
                 )
             )
-    # A record of somebody AD does not know.
-    records.append(
+    # Records of somebody AD does not know, with and without a UPN.
+    records += [
         cmdb.UserRecord(
             next(next_id),
             "ghost",
@@ -541,8 +551,19 @@ def build_configmgr(
             512,
             discovered,
             None,
-        )
-    )
+        ),
+        cmdb.UserRecord(
+            next(next_id),
+            "noupn.ghost",
+            "No UPN",
+            None,
+            "S-1-5-21-111-222-333-5252",
+            None,
+            512,
+            discovered,
+            None,
+        ),
+    ]
     collections = [
         cmdb.Collection(INTUNE, "Intune Users", 1),
         cmdb.Collection(INTUNE_PILOT, "Intune Pilot", 1),

@@ -22,18 +22,18 @@ SOURCES = ("ad", "entra", "entra_organization", "configmgr")
 # Records each source holds (CONTRACT: in-scope AD users; every Graph user; every ConfigMgr record).
 EXPECTED_RECORDS = {
     # hq: 15 in scope. Entra: 13 synced (11 in scope + h.off + h.away), 3 cloud-only conflicts, 1
-    # synced user whose account is gone. ConfigMgr: 11 scenario records, 1 stale record, 1 ghost.
-    "hq": {"ad": 15, "entra": 17, "configmgr": 13},
-    # branch: 9 in scope. Entra: 7 synced, 1 conflict, the gone user, the kiosk. ConfigMgr: 5 + 2.
-    "branch": {"ad": 9, "entra": 10, "configmgr": 7},
+    # synced user whose account is gone. ConfigMgr: 11 scenario records, 1 stale record, 2 ghosts.
+    "hq": {"ad": 15, "entra": 17, "configmgr": 14},
+    # branch: 10 in scope. Entra: 8 synced, 1 conflict, the gone user, the kiosk. ConfigMgr: 5 + 3.
+    "branch": {"ad": 10, "entra": 11, "configmgr": 8},
 }
 EXPECTED_ORPHANS = {
-    "hq": {"entra": 3, "configmgr": 4},  # h.off, h.away, gone | h.stale.old, h.off, h.away, ghost
-    "branch": {"entra": 1, "configmgr": 2},  # gone | b.stale.old, ghost
+    "hq": {"entra": 3, "configmgr": 5},  # h.off, h.away, gone | h.stale.old, h.off, h.away, 2 ghosts
+    "branch": {"entra": 1, "configmgr": 3},  # gone | b.stale.old, 2 ghosts
 }
 EXPECTED_MISSING_CLOUD_USER_ID = {
-    "hq": {"true": 4, "false": 3},  # upnmis, blocked, conn, away | notcoll, stale.old, ghost
-    "branch": {"true": 2, "false": 3},  # pending, blocked | notcoll, stale.old, ghost
+    "hq": {"true": 4, "false": 4},  # upnmis, blocked, conn, away | notcoll, stale.old, 2 ghosts
+    "branch": {"true": 2, "false": 4},  # pending, blocked | notcoll, stale.old, 2 ghosts
 }
 EXPECTED_MISMATCH = {"hq": 2, "branch": 1}  # cuid.other, cuid.none | cuid.cloud
 
