@@ -95,6 +95,9 @@ def config_document(
     estate["stuck_after"] = stuck_after(anchor, time.time())
     document: dict[str, object] = {
         "refresh_interval": f"{int(refresh_interval)}s",
+        # A slow full read on a busy machine must not time out and be retried from scratch: the
+        # default limit is refresh_interval.
+        "refresh_timeout": "3600s",
         "estates": [estate],
     }
     if state_file is not None:

@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--concurrency", type=int, default=20)
     parser.add_argument("--every", type=float, default=1.0)
-    parser.add_argument("--timeout", type=float, default=30.0)
+    parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args(argv)
     with open(args.out, "a", encoding="utf-8") as out:
         Bursts(args.url, args.concurrency, out, args.timeout).run(args.every)
