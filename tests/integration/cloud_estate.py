@@ -14,7 +14,6 @@ hand from the contract's tables.
 
 from __future__ import annotations
 
-import textwrap
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -173,6 +172,14 @@ USERS = (
         states=(S("ENTERPRISEPACK", "Error", "CountViolation"),),
     ),
     CloudUser("c.bare", "entra_synced", "no_intune_license", synced="sid"),
+    # No licence states from Graph: assignedLicenses decide, here with the Intune plan turned off.
+    CloudUser(
+        "c.legacyoff",
+        "entra_synced",
+        "intune_plan_disabled",
+        legacy=True,
+        states=(S("INTUNE_A", disabled=("INTUNE_A",)),),
+    ),
     # intune_licensed
     CloudUser(
         "c.blocked", "intune_licensed", "entra_account_disabled", enabled=False, states=(S("INTUNE_A"),)
@@ -198,6 +205,16 @@ USERS = (
     ),
     CloudUser(
         "c.legacy", "intune_licensed", "device_enrollment_pending", legacy=True, states=(S("INTUNE_A"),)
+    ),
+    # One Intune SKU in error, another active: licensed since the active one's lastUpdatedDateTime.
+    CloudUser(
+        "c.twolic",
+        "intune_licensed",
+        "device_enrollment_pending",
+        states=(
+            S("INTUNE_A", "Error", "CountViolation", group="lic"),
+            S("EMS", updated="2024-04-20T00:00:00Z"),
+        ),
     ),
     CloudUser(
         "c.planpart",
@@ -312,7 +329,7 @@ EXPECTED_DEVICES = {
 }
 EXPECTED_LICENCE_ERRORS = {
     # (sku, error, assigned_by) -> users (every user Graph returned, in scope or not)
-    ("INTUNE_A", "CountViolation", "Intune Licensing"): 3,  # c.count, c.awe, the kiosk
+    ("INTUNE_A", "CountViolation", "Intune Licensing"): 4,  # c.count, c.awe, c.twolic, the kiosk
     ("INTUNE_A", "ProhibitedInUsageLocationViolation", "direct"): 1,  # c.usage
     ("EMS", "Other", "direct"): 1,  # c.noloc
     ("INTUNE_A", "MutuallyExclusiveViolation", "direct"): 1,  # c.mutex
@@ -325,6 +342,7 @@ EXPECTED_LICENCE_ERRORS = {
 EXPECTED_ENTERED = {
     "c.nodev": "2024-04-01T09:00:00Z",  # earliest lastUpdatedDateTime of a granting entry
     "c.awe": "2024-03-15T00:00:00Z",
+    "c.twolic": "2024-04-20T00:00:00Z",  # the entry in error grants nothing
     "c.blocked": "2024-03-01T09:00:00Z",
     "c.noncomp": "2024-06-01T00:00:00Z",  # earliest enrolledDateTime
     "c.stale": "2024-06-01T00:00:00Z",
@@ -333,16 +351,39 @@ EXPECTED_ENTERED = {
 ENTRA_CREATED = "2024-05-01T08:00:00Z"
 
 
+# A second estate over the same OU and tenant with other settings: only INTUNE_A grants Intune,
+# configManager counts as compliant, devices are stale after 42 days. Users whose truth differs:
+VARIANT = "cloudco.strict"
+VARIANT_SETTINGS = {
+    "intune_service_plans": "[INTUNE_A]",
+    "compliant_states": "[compliant, configManager]",
+    "device_stale_after": "42d",
+}
+VARIANT_TRUTH = {
+    "c.edu": ("entra_synced", "no_intune_license"),  # INTUNE_EDU is not listed
+    "c.comgmt": ("device_compliant", None),  # configManager is compliant here
+    "c.grace": ("device_compliant", None),  # its compliant device synced 35 days ago: fresh
+    "c.stale": ("device_enrolled", "device_noncompliant"),  # the noncompliant one (40 days) is fresh
+}
+
+
 def in_scope() -> list[CloudUser]:
     return [u for u in USERS if u.stage is not None]
 
 
-def expected_users() -> dict[str, int]:
-    return {stage: sum(1 for u in in_scope() if u.stage == stage) for stage in CLOUD_STAGES}
+def truth(user: CloudUser, estate: str = NAME) -> tuple[str | None, str | None]:
+    """(stage, reason) of a user in ``cloudco`` or in the variant estate."""
+    if estate == VARIANT and user.sam in VARIANT_TRUTH:
+        return VARIANT_TRUTH[user.sam]
+    return user.stage, user.reason
 
 
-def expected_reasons() -> dict[tuple[str, str], int]:
-    return {pair: sum(1 for u in in_scope() if (u.stage, u.reason) == pair) for pair in CLOUD_REASONS}
+def expected_users(estate: str = NAME) -> dict[str, int]:
+    return {stage: sum(1 for u in in_scope() if truth(u, estate)[0] == stage) for stage in CLOUD_STAGES}
+
+
+def expected_reasons(estate: str = NAME) -> dict[tuple[str, str], int]:
+    return {pair: sum(1 for u in in_scope() if truth(u, estate) == pair) for pair in CLOUD_REASONS}
 
 
 # ------------------------------------------------------------------------------ building it
@@ -486,19 +527,29 @@ def build(samba_dc: SambaDC, graph: Graph) -> BuiltCloud:
     return BuiltCloud(accounts, entra_ids, last_sync)
 
 
-def estate_yaml(*, bind_user: str, samba_ca: str, graph: Graph, secret_file: Any) -> str:
+DEFAULT_SETTINGS = {
+    "intune_service_plans": "[INTUNE_A, INTUNE_EDU, INTUNE_SMBIZ, INTUNE_A_VL]",
+    "compliant_states": "[compliant]",
+    "device_stale_after": "30d",
+}
+
+
+def estate_yaml(
+    *,
+    bind_user: str,
+    samba_ca: str,
+    graph: Graph,
+    secret_file: Any,
+    name: str = NAME,
+    settings: dict[str, str] | None = None,
+) -> str:
+    chosen = settings or DEFAULT_SETTINGS
     body = (
-        f"name: {NAME}\npipeline: cloud\n"
+        f"name: {name}\npipeline: cloud\n"
         + active_directory_yaml(bind_user, samba_ca, OU)
         + entra_yaml(TENANT_ID, graph, secret_file)
-        + textwrap.dedent(
-            """\
-            intune_service_plans: [INTUNE_A, INTUNE_EDU, INTUNE_SMBIZ, INTUNE_A_VL]
-            compliant_states: [compliant]
-            device_stale_after: 30d
-            stuck_after: {ad_created: 0s, entra_synced: 0s, intune_licensed: 0s, device_enrolled: 0s}
-            """
-        )
+        + "".join(f"{key}: {text}\n" for key, text in chosen.items())
+        + "stuck_after: {ad_created: 0s, entra_synced: 0s, intune_licensed: 0s, device_enrolled: 0s}\n"
     )
     lines = body.rstrip("\n").splitlines()
     return "\n".join(["  - " + lines[0], *("    " + line for line in lines[1:])]) + "\n"

@@ -125,6 +125,8 @@ def hybrid_run(hybrid_backends: HybridBackends) -> HybridRun:
         samples = exporter.wait_evaluated([spec.name for spec in he.ESTATES])
         stuck = exporter.get_json("/stuck")
         queries = [s.sam for spec in he.ESTATES for s in spec.in_scope()] + list(OUT_OF_SCOPE_QUERIES)
+        hq = hybrid_backends.estates["hq"]
+        queries += [he.identifier(hq, sam, how) for _, sam, how in he.IDENTIFIERS]
         traces = {query: exporter.trace(query) for query in queries}
         pages = {
             "trace-html-stuck": exporter.get("/trace?user=h.upnmis"),

@@ -41,6 +41,7 @@ from tests.integration.harness import (
     create_service_account,
     create_users,
     iso,
+    plain_guid,
     read_accounts,
 )
 
@@ -597,6 +598,34 @@ def build_estates(samba_dc: SambaDC, graph: Graph, workdir: Path) -> tuple[str, 
         build_configmgr(database, spec, mine, entra_ids, cloud_only, discovered)
         built[spec.name] = BuiltEstate(spec, mine, entra_ids, cloud_only, database, discovered, last_sync)
     return bind_user, built
+
+
+IDENTIFIERS = (
+    # (label, whose, how): every way the contract lets an admin name a user.
+    ("UPN in another case", "h.enabled1", "upn-upper"),
+    ("sAMAccountName", "h.enabled1", "sam"),
+    ("DOMAIN\\sam", "h.enabled1", "domain-sam"),
+    ("objectGUID with braces", "h.enabled1", "guid-braces"),
+    ("objectGUID without braces", "h.enabled1", "guid-plain"),
+    ("Entra object id", "h.enabled1", "entra-id"),
+    ("stuck user by UPN", "h.upnmis", "upn-upper"),
+    ("stuck user by objectGUID", "h.upnmis", "guid-plain"),
+    ("stuck user by Entra object id", "h.upnmis", "entra-id"),
+    ("stuck user by DOMAIN\\sam", "h.conn", "domain-sam"),
+)
+
+
+def identifier(estate: BuiltEstate, sam: str, how: str) -> str:
+    """How an admin may name one user: UPN, sAMAccountName, DOMAIN\\sam, objectGUID, Entra id."""
+    account = estate.accounts[sam]
+    return {
+        "upn-upper": (account.upn or "").upper(),
+        "sam": account.sam,
+        "domain-sam": "test\\" + account.sam.upper(),
+        "guid-braces": "{" + plain_guid(account.guid_text).upper() + "}",
+        "guid-plain": plain_guid(account.guid_text),
+        "entra-id": estate.entra_ids[sam].upper(),
+    }[how]
 
 
 # ------------------------------------------------------------------------------ configuration

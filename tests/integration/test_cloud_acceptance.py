@@ -60,24 +60,46 @@ def cloud_run(samba_dc: SambaDC, hybrid_backends: HybridBackends) -> CloudRun:
         graph=hybrid_backends.graph,
         secret_file=hybrid_backends.secret_file,
     )
+    variant = ce.estate_yaml(
+        bind_user=hybrid_backends.bind_user,
+        samba_ca=hybrid_backends.samba_ca,
+        graph=hybrid_backends.graph,
+        secret_file=hybrid_backends.secret_file,
+        name=ce.VARIANT,
+        settings=ce.VARIANT_SETTINGS,
+    )
     config.write_text(
         he.config_yaml(
-            [cloud, hybrid_backends.estate_yaml("hq")], state_file=workdir / "state.json", user_label="upn"
+            [cloud, variant, hybrid_backends.estate_yaml("hq")],
+            state_file=workdir / "state.json",
+            user_label="upn",
         )
     )
     started_at = time.time()
     exporter = Exporter(config, workdir / "exporter.log", hybrid_backends.env)
     try:
         exporter.wait_ready()
-        samples = exporter.wait_evaluated([ce.NAME, HQ.name])
+        samples = exporter.wait_evaluated([ce.NAME, ce.VARIANT, HQ.name])
         stuck = exporter.get_json("/stuck")
-        queries = [u.sam for u in ce.in_scope()] + [s.sam for s in HQ.in_scope()] + ["c.off"]
-        traces = {query: exporter.trace(query) for query in queries}
+        traces = {u.sam: exporter.trace(u.sam, estate=ce.NAME) for u in ce.in_scope()}
+        traces |= {f"{ce.VARIANT}/{sam}": exporter.trace(sam, estate=ce.VARIANT) for sam in ce.VARIANT_TRUTH}
+        traces |= {s.sam: exporter.trace(s.sam) for s in HQ.in_scope()}
+        traces |= {"c.off": exporter.trace("c.off"), "both/c.grace": exporter.trace("c.grace")}
     finally:
         exit_code = exporter.stop()
     runs = run_traces(
-        [(u.sam, "--config.file", str(config), "--format", "json") for u in ce.in_scope()]
-        + [("c.off", "--config.file", str(config))],
+        [
+            (u.sam, "--config.file", str(config), "--estate", ce.NAME, "--format", "json")
+            for u in ce.in_scope()
+        ]
+        + [
+            (sam, "--config.file", str(config), "--estate", ce.VARIANT, "--format", "json")
+            for sam in ce.VARIANT_TRUTH
+        ]
+        + [
+            ("c.off", "--config.file", str(config)),
+            ("c.grace", "--config.file", str(config), "--format", "json"),
+        ],
         hybrid_backends.env,
     )
     return CloudRun(
@@ -89,8 +111,17 @@ def cloud_run(samba_dc: SambaDC, hybrid_backends: HybridBackends) -> CloudRun:
         exporter.log(),
         exit_code,
         started_at,
-        {r.args[0]: r for r in runs},
+        {_cli_key(r): r for r in runs},
     )
+
+
+def _cli_key(run: TraceRun) -> str:
+    """``sam`` for cloudco, ``estate/sam`` for the variant, ``all/sam`` without --estate."""
+    estate = run.args[run.args.index("--estate") + 1] if "--estate" in run.args else "all"
+    return run.args[0] if estate == ce.NAME else f"{estate}/{run.args[0]}"
+
+
+CLOUD_ESTATES = (ce.NAME, ce.VARIANT)
 
 
 def _stage_values(
@@ -108,6 +139,7 @@ def test_every_source_of_both_estates_is_up(cloud_run: CloudRun) -> None:
     samples, tail = cloud_run.samples, cloud_run.log[-3000:]
     for estate, sources in (
         (ce.NAME, ("ad", "entra", "entra_organization", "intune_devices")),
+        (ce.VARIANT, ("ad", "entra", "entra_organization", "intune_devices")),
         (HQ.name, ("ad", "entra", "entra_organization", "configmgr")),
     ):
         for source in sources:
@@ -131,12 +163,13 @@ def test_pipeline_info_names_each_estates_chain(cloud_run: CloudRun) -> None:
     }
 
 
-def test_cloud_stage_counts(cloud_run: CloudRun) -> None:
+@pytest.mark.parametrize("estate", CLOUD_ESTATES)
+def test_cloud_stage_counts(cloud_run: CloudRun, estate: str) -> None:
     samples = cloud_run.samples
-    users = ce.expected_users()
-    assert _stage_values(samples, ce.NAME, "intune_provisioning_users", ce.CLOUD_STAGES) == users
+    users = ce.expected_users(estate)
+    assert _stage_values(samples, estate, "intune_provisioning_users", ce.CLOUD_STAGES) == users
     stuck = {stage: (0 if stage == "device_compliant" else n) for stage, n in users.items()}
-    assert _stage_values(samples, ce.NAME, "intune_provisioning_stuck_users", ce.CLOUD_STAGES) == stuck
+    assert _stage_values(samples, estate, "intune_provisioning_stuck_users", ce.CLOUD_STAGES) == stuck
     # When the longest-waiting user of each stage entered it, from the contract's evidence.
     accounts = cloud_run.built.accounts
     expected_oldest = {
@@ -146,45 +179,52 @@ def test_cloud_stage_counts(cloud_run: CloudRun) -> None:
         "device_enrolled": epoch("2024-06-01T00:00:00Z"),  # the earliest enrolledDateTime
     }
     oldest = "intune_provisioning_stage_oldest_entry_timestamp_seconds"
-    found = {stage: value(samples, oldest, ce.NAME, provisioning_stage=stage) for stage in expected_oldest}
+    found = {stage: value(samples, oldest, estate, provisioning_stage=stage) for stage in expected_oldest}
     assert found == expected_oldest
 
 
-def test_cloud_reasons_every_pair_present_and_summing_to_stuck_users(cloud_run: CloudRun) -> None:
+@pytest.mark.parametrize("estate", CLOUD_ESTATES)
+def test_cloud_reasons_every_pair_present_and_summing_to_stuck_users(
+    cloud_run: CloudRun, estate: str
+) -> None:
     samples = cloud_run.samples
     found = {
         (dict(labels)["provisioning_stage"], dict(labels)["reason"]): v
-        for labels, v in series(samples, "intune_provisioning_stuck_reason_users", ce.NAME).items()
+        for labels, v in series(samples, "intune_provisioning_stuck_reason_users", estate).items()
     }
-    assert found == ce.expected_reasons()
+    assert found == ce.expected_reasons(estate)
     for stage in ce.CLOUD_STAGES[:-1]:
         assert sum(v for (s, _), v in found.items() if s == stage) == value(
-            samples, "intune_provisioning_stuck_users", ce.NAME, provisioning_stage=stage
+            samples, "intune_provisioning_stuck_users", estate, provisioning_stage=stage
         )
 
 
-def test_cloud_stuck_user_info(cloud_run: CloudRun) -> None:
+@pytest.mark.parametrize("estate", CLOUD_ESTATES)
+def test_cloud_stuck_user_info(cloud_run: CloudRun, estate: str) -> None:
     found = sorted(
         (d["provisioning_stage"], d["user"], d.get("reason"))
-        for labels in series(cloud_run.samples, "intune_provisioning_stuck_user_info", ce.NAME)
+        for labels in series(cloud_run.samples, "intune_provisioning_stuck_user_info", estate)
         for d in [dict(labels)]
     )
-    assert found == sorted((u.stage, _upn(u.sam), u.reason) for u in ce.in_scope() if u.reason is not None)
+    truths = [(*ce.truth(u, estate), _upn(u.sam)) for u in ce.in_scope()]
+    assert found == sorted((stage, upn, reason) for stage, reason, upn in truths if reason is not None)
 
 
-def test_intune_devices_by_os_compliance_and_agent(cloud_run: CloudRun) -> None:
+@pytest.mark.parametrize("estate", CLOUD_ESTATES)
+def test_intune_devices_by_os_compliance_and_agent(cloud_run: CloudRun, estate: str) -> None:
     found = {
         (d["operating_system"], d["compliance_state"], d["management_agent"]): v
-        for labels, v in series(cloud_run.samples, "intune_devices", ce.NAME).items()
+        for labels, v in series(cloud_run.samples, "intune_devices", estate).items()
         for d in [dict(labels)]
     }
     assert found == ce.EXPECTED_DEVICES
 
 
-def test_license_assignment_error_users_by_sku_error_and_group(cloud_run: CloudRun) -> None:
+@pytest.mark.parametrize("estate", CLOUD_ESTATES)
+def test_license_assignment_error_users_by_sku_error_and_group(cloud_run: CloudRun, estate: str) -> None:
     found = {
         (d["sku"], d["error"], d["assigned_by"]): v
-        for labels, v in series(cloud_run.samples, "intune_license_assignment_error_users", ce.NAME).items()
+        for labels, v in series(cloud_run.samples, "intune_license_assignment_error_users", estate).items()
         for d in [dict(labels)]
     }
     assert found == ce.EXPECTED_LICENCE_ERRORS
@@ -223,25 +263,49 @@ def test_cloud_trace_endpoint_and_cli(cloud_run: CloudRun, user: ce.CloudUser) -
     _check_cloud_document(run.document(), cloud_run.built, user)
 
 
-def _check_cloud_document(document: Any, built: ce.BuiltCloud, user: ce.CloudUser) -> None:
+def _check_cloud_document(
+    document: Any, built: ce.BuiltCloud, user: ce.CloudUser, estate: str = ce.NAME
+) -> None:
     assert isinstance(document, dict), document
-    assert (document["estate"], document["stage"], document["reason"]) == (
-        ce.NAME,
-        user.stage,
-        user.reason,
-    ), document
-    assert document["stuck"] is (user.reason is not None), document
+    stage, reason = ce.truth(user, estate)
+    assert (document["estate"], document["stage"], document["reason"]) == (estate, stage, reason), document
+    assert document["stuck"] is (reason is not None), document
     account = built.accounts[user.sam]
     assert document["user"]["sam"] == user.sam
     assert plain_guid(document["user"]["object_guid"]) == plain_guid(account.guid_text)
-    reached = ce.CLOUD_STAGES.index(user.stage or "")
+    reached = ce.CLOUD_STAGES.index(stage or "")
     assert [s["stage"] for s in document["steps"]] == list(ce.CLOUD_STAGES)
     assert [s["done"] for s in document["steps"]] == [i <= reached for i in range(len(ce.CLOUD_STAGES))]
 
 
+@pytest.mark.parametrize("sam", list(ce.VARIANT_TRUTH))
+def test_variant_estate_trace_endpoint_and_cli(cloud_run: CloudRun, sam: str) -> None:
+    user = cloud_run.built.user(sam)
+    status, served = cloud_run.traces[f"{ce.VARIANT}/{sam}"]
+    assert status == 200, served
+    _check_cloud_document(served, cloud_run.built, user, ce.VARIANT)
+    run = cloud_run.cli[f"{ce.VARIANT}/{sam}"]
+    assert run.code == (0 if ce.truth(user, ce.VARIANT)[1] is None else 1), run
+    _check_cloud_document(run.document(), cloud_run.built, user, ce.VARIANT)
+
+
+def test_a_user_in_two_estates_is_traced_in_both(cloud_run: CloudRun) -> None:
+    """c.grace is stuck in cloudco and compliant in the variant: both answers, and exit 1."""
+    user = cloud_run.built.user("c.grace")
+    status, served = cloud_run.traces["both/c.grace"]
+    assert status == 200, served
+    assert isinstance(served, list) and sorted(d["estate"] for d in served) == sorted(CLOUD_ESTATES)
+    for document in served:
+        _check_cloud_document(document, cloud_run.built, user, document["estate"])
+    run = cloud_run.cli["all/c.grace"]
+    assert run.code == 1, run
+    documents = run.document()
+    assert isinstance(documents, list) and sorted(d["estate"] for d in documents) == sorted(CLOUD_ESTATES)
+
+
 def test_out_of_scope_cloud_user(cloud_run: CloudRun) -> None:
     assert cloud_run.traces["c.off"][0] == 404
-    run = cloud_run.cli["c.off"]
+    run = cloud_run.cli["all/c.off"]
     assert run.code == 3, run
     assert "c.off" in run.stderr and "scope" in run.stderr.lower(), run
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.integration import hybrid_estate as he
 from tests.integration.conftest import HybridRun
-from tests.integration.harness import TraceRun, plain_guid, run_trace, run_traces, sql_statements
+from tests.integration.harness import TraceRun, run_trace, run_traces, sql_statements
 from tests.integration.test_hybrid_acceptance import check_trace_document
 
 
@@ -30,34 +30,6 @@ class CliRuns:
         return self.by_args[args]
 
 
-IDENTIFIERS = (
-    # (label, whose, how): every way the contract lets an admin name a user.
-    ("UPN in another case", "h.enabled1", "upn-upper"),
-    ("sAMAccountName", "h.enabled1", "sam"),
-    ("DOMAIN\\sam", "h.enabled1", "domain-sam"),
-    ("objectGUID with braces", "h.enabled1", "guid-braces"),
-    ("objectGUID without braces", "h.enabled1", "guid-plain"),
-    ("Entra object id", "h.enabled1", "entra-id"),
-    ("stuck user by UPN", "h.upnmis", "upn-upper"),
-    ("stuck user by objectGUID", "h.upnmis", "guid-plain"),
-    ("stuck user by Entra object id", "h.upnmis", "entra-id"),
-    ("stuck user by DOMAIN\\sam", "h.conn", "domain-sam"),
-)
-
-
-def _identifier(run: HybridRun, sam: str, how: str) -> str:
-    hq = run.backends.estates["hq"]
-    account = hq.accounts[sam]
-    return {
-        "upn-upper": (account.upn or "").upper(),
-        "sam": account.sam,
-        "domain-sam": "test\\" + account.sam.upper(),
-        "guid-braces": "{" + plain_guid(account.guid_text).upper() + "}",
-        "guid-plain": plain_guid(account.guid_text),
-        "entra-id": hq.entra_ids[sam].upper(),
-    }[how]
-
-
 @pytest.fixture(scope="session")
 def cli_runs(hybrid_run: HybridRun) -> CliRuns:
     config = str(hybrid_run.config)
@@ -66,8 +38,14 @@ def cli_runs(hybrid_run: HybridRun) -> CliRuns:
         (s.sam, "--config.file", config, "--format", "json") for spec in he.ESTATES for s in spec.in_scope()
     ]
     arg_lists += [
-        (_identifier(hybrid_run, sam, how), "--config.file", config, "--format", "json")
-        for _, sam, how in IDENTIFIERS
+        (
+            he.identifier(hybrid_run.backends.estates["hq"], sam, how),
+            "--config.file",
+            config,
+            "--format",
+            "json",
+        )
+        for _, sam, how in he.IDENTIFIERS
     ]
     arg_lists += [
         ("h.upnmis", "--config.file", config),  # text output
@@ -104,11 +82,13 @@ def test_trace_cli_gives_every_user_its_stage_and_reason(
     assert (document["stage"], document["reason"]) == (served["stage"], served["reason"])
 
 
-@pytest.mark.parametrize(("label", "sam", "how"), IDENTIFIERS, ids=[label for label, _, _ in IDENTIFIERS])
+@pytest.mark.parametrize(
+    ("label", "sam", "how"), he.IDENTIFIERS, ids=[label for label, _, _ in he.IDENTIFIERS]
+)
 def test_trace_cli_finds_the_user_by_every_identifier(
     cli_runs: CliRuns, hybrid_run: HybridRun, label: str, sam: str, how: str
 ) -> None:
-    user = _identifier(hybrid_run, sam, how)
+    user = he.identifier(hybrid_run.backends.estates["hq"], sam, how)
     run = cli_runs.get(user, "--config.file", str(cli_runs.config), "--format", "json")
     scenario = hybrid_run.backends.estates["hq"].scenario(sam)
     assert run.code == (0 if scenario.reason is None else 1), run
