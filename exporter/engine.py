@@ -84,14 +84,7 @@ class _EstateState:
         return self.config.name
 
     def estate_data(self) -> EstateData:
-        data = self.data
-        return EstateData(
-            ad=data.get("ad"),  # type: ignore[arg-type]
-            entra=data.get("entra"),  # type: ignore[arg-type]
-            organization=data.get("entra_organization"),  # type: ignore[arg-type]
-            configmgr=data.get("configmgr"),  # type: ignore[arg-type]
-            devices=data.get("intune_devices"),  # type: ignore[arg-type]
-        )
+        return EstateData.of_sources(self.data)
 
     def can_evaluate(self) -> bool:
         """The pipeline's sources all have data (those of them that are configured)."""

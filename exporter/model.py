@@ -851,16 +851,19 @@ class SourceKindInfo:
     kind: SourceKind
     data_type: type
     title: str
+    field: str  # the attribute of EstateData (exporter.pipelines.evaluation) that holds its data
 
 
 SOURCE_REGISTRY: dict[SourceKind, SourceKindInfo] = {
     info.kind: info
     for info in (
-        SourceKindInfo("ad", AdTable, "Active Directory users"),
-        SourceKindInfo("entra", EntraTable, "Entra ID users"),
-        SourceKindInfo("entra_organization", OrganizationData, "Entra ID organization and licences"),
-        SourceKindInfo("configmgr", CmTable, "ConfigMgr user records"),
-        SourceKindInfo("intune_devices", DeviceTable, "Intune managed devices"),
+        SourceKindInfo("ad", AdTable, "Active Directory users", "ad"),
+        SourceKindInfo("entra", EntraTable, "Entra ID users", "entra"),
+        SourceKindInfo(
+            "entra_organization", OrganizationData, "Entra ID organization and licences", "organization"
+        ),
+        SourceKindInfo("configmgr", CmTable, "ConfigMgr user records", "configmgr"),
+        SourceKindInfo("intune_devices", DeviceTable, "Intune managed devices", "devices"),
     )
 }
 # The order matters: it is the order of the landing page and of the exporter's own metrics.

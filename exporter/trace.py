@@ -240,23 +240,13 @@ def trace_estate(
         devices=_prepared(devices),
     )
     pipeline = implementation(settings.definition.name)
-    if not pipeline.required <= {k for k, v in _present(data).items() if v}:
-        missing = sorted(pipeline.required - {k for k, v in _present(data).items() if v})
+    if not pipeline.required <= data.present():
+        missing = sorted(pipeline.required - data.present())
         raise SourceError(
             "other", f"cannot evaluate the {settings.definition.name} chain without {', '.join(missing)}"
         )
     evaluation = evaluate(pipeline, data, settings, first_seen, now)
     return [explain(evaluation, row, now, estate.name) for row in range(ad_table.n)], notes
-
-
-def _present(data: EstateData) -> dict[str, bool]:
-    return {
-        "ad": data.ad is not None,
-        "entra": data.entra is not None,
-        "entra_organization": data.organization is not None,
-        "configmgr": data.configmgr is not None,
-        "intune_devices": data.devices is not None,
-    }
 
 
 def _prepared(table: Any) -> Any:

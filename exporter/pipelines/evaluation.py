@@ -20,7 +20,15 @@ import numpy as np
 import numpy.typing as npt
 
 from exporter.columns import I64, NO_KEY, U64, Bools, Floats, SortedIndex, guid_order_key
-from exporter.model import AdTable, CmTable, DeviceTable, EntraTable, OrganizationData, SourceKind
+from exporter.model import (
+    SOURCE_REGISTRY,
+    AdTable,
+    CmTable,
+    DeviceTable,
+    EntraTable,
+    OrganizationData,
+    SourceKind,
+)
 from exporter.pipelines.definitions import (
     DEFAULT_COMPLIANT_STATES,
     DEFAULT_DEVICE_STALE_AFTER,
@@ -44,13 +52,16 @@ class EstateData:
     devices: DeviceTable | None = None
 
     def of(self, kind: SourceKind) -> object | None:
-        return {
-            "ad": self.ad,
-            "entra": self.entra,
-            "entra_organization": self.organization,
-            "configmgr": self.configmgr,
-            "intune_devices": self.devices,
-        }[kind]
+        return getattr(self, SOURCE_REGISTRY[kind].field)  # type: ignore[no-any-return]
+
+    @staticmethod
+    def of_sources(data: Mapping[SourceKind, object]) -> EstateData:
+        """From the data of each source kind (the engine's view), through the one source registry."""
+        fields: dict[str, Any] = {SOURCE_REGISTRY[kind].field: value for kind, value in data.items()}
+        return EstateData(**fields)
+
+    def present(self) -> frozenset[SourceKind]:
+        return frozenset(kind for kind in SOURCE_REGISTRY if self.of(kind) is not None)
 
 
 @dataclass(frozen=True)
