@@ -52,7 +52,7 @@ class EstateData:
     devices: DeviceTable | None = None
 
     def of(self, kind: SourceKind) -> object | None:
-        return getattr(self, SOURCE_REGISTRY[kind].field)  # type: ignore[no-any-return]
+        return getattr(self, SOURCE_REGISTRY[kind].field)
 
     @staticmethod
     def of_sources(data: Mapping[SourceKind, object]) -> EstateData:
