@@ -362,3 +362,17 @@ def test_a_new_table_with_the_same_columns_is_not_evaluated_again():
     engine.refresh("contoso", "ad")
     assert engine.snapshot().estates[0].evaluation is first
     assert engine.snapshot().estates[0].ad.meta["delta_link"] == "x"
+
+
+def test_failing_state_writes_are_counted_and_logged_once_per_change(tmp_path, caplog):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the state directory should be")
+    store = StateStore(blocked / "state.json")  # its directory cannot be created
+    engine = engine_with(three_sources(), store=store)
+    engine.refresh_all()
+    assert not engine.persist()
+    assert not engine.persist()
+    assert engine.state_write_failures == 2
+    assert caplog.text.count("cannot write state file") == 1
+    engine._publish()
+    assert engine.snapshot().state_write_failures == 2
