@@ -27,6 +27,7 @@ from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+SWITCH_INTERVAL = 0.001
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -193,6 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
+    # Background refreshes of a large estate run pure-Python decoding for minutes; a serving thread
+    # waiting for the GIL waits up to one switch interval per hand-over. 1 ms instead of CPython's
+    # 5 ms keeps a scrape's latency low at a negligible cost to the background work.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     # Serve first: /-/healthy answers at once and /-/ready says 503 while a large state file is read.
     serve_forever_in_thread(server)
     engine.start()
