@@ -337,6 +337,49 @@ def expected_reasons(spec: EstateSpec) -> dict[tuple[str, str], int]:
     return {pair: sum(1 for s in spec.in_scope() if (s.stage, s.reason) == pair) for pair in HYBRID_REASONS}
 
 
+# Records each source holds (CONTRACT: in-scope AD users; every Graph user; every ConfigMgr record).
+EXPECTED_RECORDS = {
+    # hq: 15 in scope. Entra: 13 synced (11 in scope + h.off + h.away), 3 cloud-only conflicts, 1
+    # synced user whose account is gone. ConfigMgr: 11 scenario records, 1 stale record, 2 ghosts.
+    "hq": {"ad": 15, "entra": 17, "configmgr": 14},
+    # branch: 10 in scope. Entra: 8 synced, 1 conflict, the gone user, the kiosk. ConfigMgr: 5 + 3.
+    "branch": {"ad": 10, "entra": 11, "configmgr": 8},
+}
+EXPECTED_ORPHANS = {
+    "hq": {"entra": 3, "configmgr": 5},  # h.off, h.away, gone | h.stale.old, h.off, h.away, 2 ghosts
+    "branch": {"entra": 1, "configmgr": 3},  # gone | b.stale.old, 2 ghosts
+}
+EXPECTED_MISSING_CLOUD_USER_ID = {
+    "hq": {"true": 4, "false": 4},  # upnmis, blocked, conn, away | notcoll, stale.old, 2 ghosts
+    "branch": {"true": 2, "false": 4},  # pending, blocked | notcoll, stale.old, 2 ghosts
+}
+EXPECTED_MISMATCH = {"hq": 2, "branch": 1}  # cuid.other, cuid.none | cuid.cloud
+
+
+def check_trace_document(document: Any, built: BuiltEstate, scenario: Scenario, *, stuck: bool) -> None:
+    """The contract's trace JSON for one user, against the ground truth (shared with the CLI test)."""
+    assert isinstance(document, dict), document
+    account = built.accounts[scenario.sam]
+    assert document["estate"] == built.spec.name
+    assert (document["stage"], document["reason"]) == (scenario.stage, scenario.reason), document
+    assert document["stuck"] is stuck, document
+    user = document["user"]
+    assert user["sam"] == account.sam
+    assert user["upn"] == account.upn
+    assert plain_guid(user["object_guid"]) == plain_guid(account.guid_text)
+    assert user["object_sid"].upper() == account.sid.upper()
+    steps = document["steps"]
+    assert [step["stage"] for step in steps] == list(HYBRID_STAGES)
+    reached = HYBRID_STAGES.index(scenario.stage or "")
+    assert [step["done"] for step in steps] == [i <= reached for i in range(len(HYBRID_STAGES))]
+    assert all(isinstance(step["evidence"], str) and step["evidence"] for step in steps), steps
+    assert document["entered_stage_at"]
+    if scenario.reason is None:
+        assert document["action"] is None
+    else:
+        assert document["detail"] and document["action"], document
+
+
 # ------------------------------------------------------------------------------ building it
 @dataclass
 class BuiltEstate:

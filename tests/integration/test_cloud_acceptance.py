@@ -327,6 +327,20 @@ def test_hybrid_estate_stays_exact_next_to_the_cloud_estate(cloud_run: CloudRun)
     )
     assert info == sorted((s.stage, _upn(s.sam), s.reason) for s in HQ.in_scope() if s.reason is not None)
     assert series(samples, "intune_devices", HQ.name) == {}
+    orphans = {
+        source: value(samples, "intune_provisioning_orphan_users", HQ.name, source=source)
+        for source in ("entra", "configmgr")
+    }
+    assert orphans == he.EXPECTED_ORPHANS[HQ.name]
+    missing = {
+        m: value(samples, "intune_provisioning_users_missing_cloud_user_id", HQ.name, in_intune_collection=m)
+        for m in ("true", "false")
+    }
+    assert missing == he.EXPECTED_MISSING_CLOUD_USER_ID[HQ.name]
+    assert (
+        value(samples, "intune_provisioning_cloud_user_id_mismatch_users", HQ.name)
+        == he.EXPECTED_MISMATCH[HQ.name]
+    )
     for scenario in HQ.in_scope():
         status, document = cloud_run.traces[scenario.sam]
         assert status == 200, document

@@ -16,26 +16,9 @@ import pytest
 from tests.entra import tenant_data
 from tests.integration import hybrid_estate as he
 from tests.integration.conftest import WEB_PASSWORD, HybridRun
-from tests.integration.harness import epoch, plain_guid, series, value
+from tests.integration.harness import epoch, series, value
 
 SOURCES = ("ad", "entra", "entra_organization", "configmgr")
-# Records each source holds (CONTRACT: in-scope AD users; every Graph user; every ConfigMgr record).
-EXPECTED_RECORDS = {
-    # hq: 15 in scope. Entra: 13 synced (11 in scope + h.off + h.away), 3 cloud-only conflicts, 1
-    # synced user whose account is gone. ConfigMgr: 11 scenario records, 1 stale record, 2 ghosts.
-    "hq": {"ad": 15, "entra": 17, "configmgr": 14},
-    # branch: 10 in scope. Entra: 8 synced, 1 conflict, the gone user, the kiosk. ConfigMgr: 5 + 3.
-    "branch": {"ad": 10, "entra": 11, "configmgr": 8},
-}
-EXPECTED_ORPHANS = {
-    "hq": {"entra": 3, "configmgr": 5},  # h.off, h.away, gone | h.stale.old, h.off, h.away, 2 ghosts
-    "branch": {"entra": 1, "configmgr": 3},  # gone | b.stale.old, 2 ghosts
-}
-EXPECTED_MISSING_CLOUD_USER_ID = {
-    "hq": {"true": 4, "false": 4},  # upnmis, blocked, conn, away | notcoll, stale.old, 2 ghosts
-    "branch": {"true": 2, "false": 4},  # pending, blocked | notcoll, stale.old, 2 ghosts
-}
-EXPECTED_MISMATCH = {"hq": 2, "branch": 1}  # cuid.other, cuid.none | cuid.cloud
 
 
 def _stage_values(samples: Any, estate: str, name: str) -> dict[str, float | None]:
@@ -49,9 +32,9 @@ def test_sources_are_up_with_the_expected_records(hybrid_run: HybridRun, spec: h
         assert value(samples, "intune_exporter_source_up", spec.name, source=source) == 1, (source, tail)
     records = {
         source: value(samples, "intune_exporter_source_records", spec.name, source=source)
-        for source in EXPECTED_RECORDS[spec.name]
+        for source in he.EXPECTED_RECORDS[spec.name]
     }
-    assert records == EXPECTED_RECORDS[spec.name]
+    assert records == he.EXPECTED_RECORDS[spec.name]
 
 
 @pytest.mark.parametrize("spec", he.ESTATES, ids=lambda s: s.name)
@@ -121,13 +104,15 @@ def test_side_metrics_of_the_estate(hybrid_run: HybridRun, spec: he.EstateSpec) 
     orphans = {
         s: value(samples, "intune_provisioning_orphan_users", name, source=s) for s in ("entra", "configmgr")
     }
-    assert orphans == EXPECTED_ORPHANS[name]
+    assert orphans == he.EXPECTED_ORPHANS[name]
     missing = {
         m: value(samples, "intune_provisioning_users_missing_cloud_user_id", name, in_intune_collection=m)
         for m in ("true", "false")
     }
-    assert missing == EXPECTED_MISSING_CLOUD_USER_ID[name]
-    assert value(samples, "intune_provisioning_cloud_user_id_mismatch_users", name) == EXPECTED_MISMATCH[name]
+    assert missing == he.EXPECTED_MISSING_CLOUD_USER_ID[name]
+    assert (
+        value(samples, "intune_provisioning_cloud_user_id_mismatch_users", name) == he.EXPECTED_MISMATCH[name]
+    )
     components = {
         dict(labels)["component"]: v
         for labels, v in series(samples, "intune_configmgr_component_status", name).items()
@@ -213,33 +198,9 @@ def test_trace_endpoint_explains_every_in_scope_user(
 ) -> None:
     status, document = hybrid_run.traces[scenario.sam]
     assert status == 200, document
-    check_trace_document(
+    he.check_trace_document(
         document, hybrid_run.backends.estates[spec.name], scenario, stuck=scenario.reason is not None
     )
-
-
-def check_trace_document(document: Any, built: he.BuiltEstate, scenario: he.Scenario, *, stuck: bool) -> None:
-    """The contract's trace JSON for one user, against the ground truth (shared with the CLI test)."""
-    assert isinstance(document, dict), document
-    account = built.accounts[scenario.sam]
-    assert document["estate"] == built.spec.name
-    assert (document["stage"], document["reason"]) == (scenario.stage, scenario.reason), document
-    assert document["stuck"] is stuck, document
-    user = document["user"]
-    assert user["sam"] == account.sam
-    assert user["upn"] == account.upn
-    assert plain_guid(user["object_guid"]) == plain_guid(account.guid_text)
-    assert user["object_sid"].upper() == account.sid.upper()
-    steps = document["steps"]
-    assert [step["stage"] for step in steps] == list(he.HYBRID_STAGES)
-    reached = he.HYBRID_STAGES.index(scenario.stage or "")
-    assert [step["done"] for step in steps] == [i <= reached for i in range(len(he.HYBRID_STAGES))]
-    assert all(isinstance(step["evidence"], str) and step["evidence"] for step in steps), steps
-    assert document["entered_stage_at"]
-    if scenario.reason is None:
-        assert document["action"] is None
-    else:
-        assert document["detail"] and document["action"], document
 
 
 def test_trace_endpoint_answers_404_for_out_of_scope_and_unknown_users(hybrid_run: HybridRun) -> None:

@@ -18,7 +18,6 @@ import pytest
 from tests.integration import hybrid_estate as he
 from tests.integration.conftest import HybridRun
 from tests.integration.harness import TraceRun, run_trace, run_traces, sql_statements
-from tests.integration.test_hybrid_acceptance import check_trace_document
 
 
 @dataclass
@@ -72,7 +71,7 @@ def test_trace_cli_gives_every_user_its_stage_and_reason(
     run = cli_runs.get(scenario.sam, "--config.file", str(cli_runs.config), "--format", "json")
     expected_code = 0 if scenario.reason is None else 1
     assert run.code == expected_code, run
-    check_trace_document(
+    he.check_trace_document(
         run.document(), hybrid_run.backends.estates[spec.name], scenario, stuck=scenario.reason is not None
     )
     # The exporter's /trace said the same.
