@@ -6,8 +6,9 @@ that could match or conflict with it. The answers become tiny tables, and the SA
 evaluation and explanation the exporter uses for /stuck and /trace run on them, so the CLI and the
 exporter always agree. First-seen times come from the exporter's state file when it is configured.
 
-Exit codes: 0 the user is at its pipeline's final stage, 1 found but not there, 2 bad arguments or
-config, 3 no in-scope user matches (out-of-scope matches are reported on stderr).
+Exit codes: 0 the user is at its pipeline's final stage, 1 found but not there (or a backend did not
+answer, so that could not be confirmed; stderr says which), 2 bad arguments or config, 3 no in-scope
+user matches (out-of-scope matches are reported on stderr).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 class TraceResult:
     found: list[UserExplanation] = field(default_factory=list)
     out_of_scope: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # estates whose backends could not answer
 
 
 def main(argv: Sequence[str]) -> int:
@@ -83,7 +85,12 @@ def main(argv: Sequence[str]) -> int:
             return EXIT_USAGE
     for note in result.out_of_scope:
         print(f"out of scope: {note}", file=sys.stderr)
+    for failure in result.failed:
+        print(f"cannot trace in {failure}", file=sys.stderr)
     if not result.found:
+        if result.failed:
+            # Not "no match": a backend did not answer, so the user's stage is unknown (not enabled).
+            return EXIT_NOT_ENABLED
         print(f"no in-scope user matches {args.user!r}", file=sys.stderr)
         return EXIT_NOT_FOUND
     if args.format == "json":
@@ -160,7 +167,7 @@ def trace_config(config: Config, user: str, estate_name: str | None) -> TraceRes
                 estate, {s.kind: s for s in sources}, user, now, _first_seen(config, estate)
             )
         except SourceError as exc:
-            print(f"{estate.name}: {exc.reason}: {exc.message}", file=sys.stderr)
+            result.failed.append(f"{estate.name}: {exc.reason}: {exc.message}")
             continue
         finally:
             for source in sources:
