@@ -559,6 +559,24 @@ def _guid_column(values: Sequence[bytes | None]) -> tuple[bytes, np.ndarray[Any,
 _NO_GUID = bytes(16)
 
 
+class MaskedMembers(Mapping[int, tuple[str, ...]]):
+    """Memberships kept as one bit mask per record, read as the collections' names."""
+
+    def __init__(self, masks: Mapping[int, int], collection_ids: tuple[str, ...]) -> None:
+        self._masks = masks
+        self._ids = collection_ids
+
+    def __getitem__(self, resource_id: int) -> tuple[str, ...]:
+        mask = self._masks[resource_id]
+        return tuple(name for bit, name in enumerate(self._ids) if mask >> bit & 1)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._masks)
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+
 class UserColumns:
     """Builds the CmTable of a full read a batch at a time, one column at a time.
 
@@ -572,10 +590,12 @@ class UserColumns:
     def __init__(self, collection_ids: Sequence[str], members: Members) -> None:
         self.collection_ids = [c.upper() for c in collection_ids][: CmTableBuilder.MAX_COLLECTIONS]
         bits = {name: 1 << position for position, name in enumerate(self.collection_ids)}
+        # One int per member instead of a tuple of names: the caller can drop ``members``.
         self._masks = {
             resource_id: sum(bits.get(name.upper(), 0) for name in set(names))
             for resource_id, names in members.items()
         }
+        self.members: Members = MaskedMembers(self._masks, tuple(self.collection_ids))
         self._parts: list[dict[str, Any]] = []
         self.rows = 0
 
@@ -652,8 +672,10 @@ class UserColumns:
         for column in CmTable.COLUMNS:
             if column.name in ("k_guid", "k_cloud"):
                 continue
-            parts = [part[column.name] for part in self._parts]
+            # Each column's parts are released once joined: the peak is the parts plus one column.
+            parts = [part.pop(column.name) for part in self._parts]
             columns[column.name] = Blob.concat(parts) if column.kind == "text" else np.concatenate(parts)
+            del parts
         self._parts = []
         columns["k_guid"] = guid_keys(columns["guid"], columns["has_guid"])
         columns["k_cloud"] = guid_keys(columns["cloud"], columns["has_cloud"])
@@ -856,11 +878,12 @@ class SocketRef:
                 os.close(duplicate)
 
 
-def new_stream_socket(before: Iterable[int]) -> SocketRef | None:
-    """The one connected stream socket opened since ``before`` (inodes) was taken; None when there
-    is none or several (another thread opened one meanwhile: better no shutdown than a wrong one)."""
+def new_stream_socket(before: Iterable[int], local_port: int | None = None) -> SocketRef | None:
+    """The connected stream socket opened since ``before`` (inodes) was taken: the one with
+    ``local_port`` when the server told it, else the only one. None when it cannot be told apart
+    (another thread opened one meanwhile: better no shutdown than a wrong one)."""
     known = set(before)
-    candidates: list[SocketRef] = []
+    candidates: list[tuple[SocketRef, Any]] = []
     for fd, inode in _socket_inodes().items():
         if inode in known:
             continue
@@ -871,12 +894,23 @@ def new_stream_socket(before: Iterable[int]) -> SocketRef | None:
         try:
             if probe.type == socket.SOCK_STREAM:
                 probe.getpeername()  # connected (raises otherwise)
-                candidates.append(SocketRef(fd, inode))
+                candidates.append((SocketRef(fd, inode), probe.getsockname()))
         except OSError:
             pass
         finally:
             probe.close()
-    return candidates[0] if len(candidates) == 1 else None
+    if local_port is not None:
+        candidates = [c for c in candidates if isinstance(c[1], tuple) and c[1][1] == local_port]
+    return candidates[0][0] if len(candidates) == 1 else None
+
+
+# The client's TCP port as the server sees it, to tell the connection's socket from others opened
+# meanwhile. SQL Server shows other sessions' rows only with VIEW SERVER STATE, but a session's own
+# row to anyone (where it fails, the source falls back to "the only new socket").
+CLIENT_PORT_SQL: dict[str, str] = {
+    "postgresql": "SELECT inet_client_port()",
+    "sqlserver": "SELECT client_tcp_port FROM sys.dm_exec_connections WHERE session_id = @@SPID",
+}
 
 
 # ------------------------------------------------------------------------- one connection
@@ -927,8 +961,21 @@ class Session:
         self.dbms = str(connection.getinfo(self.pyodbc.SQL_DBMS_NAME) or "")
         self.dialect = dialect_of(self.dbms)
         if self.dialect != "sqlite":
-            self._socket = new_stream_socket(before)
+            self._socket = new_stream_socket(before, self._client_port())
         self._check_stopped()
+
+    def _client_port(self) -> int | None:
+        sql = CLIENT_PORT_SQL.get(self.dialect)
+        if sql is None:
+            return None
+        try:
+            (port,) = self.single_row(sql, (), "connecting")
+            return int(port) if port is not None else None
+        except (self.pyodbc.Error, MalformedResultError, TypeError, ValueError) as exc:
+            if self.stop_reason is not None:
+                raise
+            log.debug("the client port of a ConfigMgr connection is unknown: %s", exc)
+            return None
 
     def execute(self, sql: str, params: Sequence[object], phase: str) -> Any:
         """Run one statement under the current limit; the cursor is cancellable by stop()."""
@@ -1265,13 +1312,14 @@ class ConfigMgrSource:
 
     # -- the refresh
     def _refresh(self, session: Session, previous: CmTable | None) -> CmTable:
+        self.last_skipped_rows = self.last_clipped_values = 0
+        self.last_change_check = None
         self._check_collections(session)
         fingerprint = self._fingerprint(session)
         comparable = previous is not None and list(previous.collection_ids) == list(self._collection_ids)
         if previous is not None and comparable and fingerprint is not None:
             if previous.meta.get("fingerprint") == fingerprint:
                 self.last_change_check = "unchanged"
-                self.last_skipped_rows = self.last_clipped_values = 0
                 return self._with_components(previous, self._read_components(session))
             self.last_change_check = "changed"
         table = self._read_everything(session, fingerprint)
@@ -1289,8 +1337,8 @@ class ConfigMgrSource:
         return previous.derive(previous.columns(), meta=meta).prepare()
 
     def _read_everything(self, session: Session, fingerprint: str | None) -> CmTable:
-        members = self._read_members(session)
-        users = self._read_users(session, members)
+        users = UserColumns(self._collection_ids, self._read_members(session))
+        self._read_users(session, users)
         table = users.build(self._read_components(session))
         table.meta["read"] = "full"
         if fingerprint is not None:
@@ -1408,11 +1456,11 @@ class ConfigMgrSource:
             )
         return {rid: tuple(sorted(names)) for rid, names in members.items()}
 
-    def _read_users(self, session: Session, members: Members) -> UserColumns:
+    def _read_users(self, session: Session, users: UserColumns) -> None:
         """Stream v_R_User into table columns, a fetched batch at a time (no list of records)."""
         cursor = session.execute(USERS_SQL, (), "reading v_R_User")
         index = column_index(cursor.description, USER_COLUMNS, "v_R_User")
-        users = UserColumns(self._collection_ids, members)
+        members = users.members
         notes = RowNotes()
         skipped = 0
         first_problem = ""
@@ -1452,7 +1500,6 @@ class ConfigMgrSource:
                 MAX_TEXT_BYTES,
                 notes.first_clipped,
             )
-        return users
 
     def _read_components(self, session: Session) -> tuple[CmComponent, ...]:
         cursor = session.execute(COMPONENTS_SQL, COMPONENT_NAMES, "reading v_ComponentSummarizer")

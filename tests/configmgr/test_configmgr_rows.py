@@ -4,6 +4,7 @@ component selection and error classification, on plain Python data."""
 from __future__ import annotations
 
 import random
+import socket
 import time
 import uuid
 from datetime import UTC, datetime, timedelta, timezone
@@ -33,6 +34,7 @@ from exporter.sources.configmgr import (
     RowError,
     RowNotes,
     UserColumns,
+    _socket_inodes,
     classify_odbc_error,
     clip_text,
     cloud_user_id,
@@ -40,6 +42,7 @@ from exporter.sources.configmgr import (
     component_row,
     dialect_of,
     fingerprint_sql,
+    new_stream_socket,
     object_guid,
     same_content,
     scrub,
@@ -558,7 +561,7 @@ def test_column_wise_conversion_equals_the_row_by_row_records(seed: int) -> None
         except NotFast:
             fell_back += 1
             for values in batch:
-                fast.add(user_from_row(values, index, members, fast_notes))  # type: ignore[arg-type]
+                fast.add(user_from_row(values, index, fast.members, fast_notes))  # type: ignore[arg-type]
         for values in batch:
             records.append(user_from_row(values, index, members, row_notes))  # type: ignore[arg-type]
     components = (CmComponent("PS1", "CM01", "SMS_CLOUD_USERSYNC", 0),)
@@ -568,3 +571,23 @@ def test_column_wise_conversion_equals_the_row_by_row_records(seed: int) -> None
     assert table.meta == expected.meta
     assert fast_notes.clipped == row_notes.clipped > 0
     assert fell_back < len(batches)  # most batches took the column-wise path
+
+
+# ------------------------------------------------------------------------------ the socket
+def test_the_connection_socket_is_told_apart_by_its_local_port() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        address = server.getsockname()
+        before = [inode for inode in _socket_inodes().values()]
+        ours, other = socket.create_connection(address), socket.create_connection(address)
+        try:
+            assert new_stream_socket(before) is None  # two new sockets: ambiguous
+            found = new_stream_socket(before, ours.getsockname()[1])
+            assert found is not None and found.fd == ours.fileno()
+            peer, _ = server.accept()
+            with peer:
+                assert found.shutdown()
+                assert ours.recv(1) == b""  # a reader of the shut down socket returns at once
+        finally:
+            ours.close()
+            other.close()
+        assert not found.shutdown()  # the descriptor is gone (or another file now)
