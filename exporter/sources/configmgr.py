@@ -763,6 +763,10 @@ def odbc_error_parts(exc: BaseException) -> tuple[str, str]:
     return "", " ".join(str(a) for a in args) or type(exc).__name__
 
 
+# pyodbc's text for an error without diagnostic records (seen after SQLCancel).
+_NO_DIAGNOSTICS = "The driver did not supply an error"
+
+
 def scrub(text: str, mask: SecretMask, limit: int = 400) -> str:
     """One line of driver text without secrets (masked before it is cut), at most ``limit`` characters."""
     text = " ".join(mask.mask(text).split())
@@ -937,6 +941,7 @@ class Session:
         self.dialect: Dialect = "other"
         self.dbms = ""
         self.query_timeout_rejected = False
+        self.waiting_for: str | None = None  # the driver's last word on a wait (a lock) of this statement
         self._connection_string = connection_string
         self._fetch_size = fetch_size
         self._sqlite_driver = sqlite_driver
@@ -1002,7 +1007,10 @@ class Session:
                 return cursor
             except self.pyodbc.Error as exc:
                 _close_quietly(cursor)
-                locked = "database is locked" in odbc_error_parts(exc)[1]
+                text = odbc_error_parts(exc)[1]
+                locked = "database is locked" in text
+                if locked:
+                    self.waiting_for = text  # what a stop in the middle of the waits interrupted
                 if not locked or time.monotonic() >= ends:
                     raise
                 self._check_stopped()
@@ -1057,6 +1065,7 @@ class Session:
 
     def _start(self, phase: str) -> StatementLimit:
         self.phase = phase
+        self.waiting_for = None
         self._check_stopped()
         self.limit = self.budget.limit()
         return self.limit
@@ -1296,8 +1305,11 @@ class ConfigMgrSource:
             return self._fail("other", f"refresh cancelled while {phase}: the source was closed")
         if stopped == "deadline" or isinstance(exc, DeadlineReached | Stopped):
             text = f"the refresh deadline passed while {phase} ({session.budget.describe()})"
-            if isinstance(exc, session.pyodbc.Error):  # what the statement was doing, e.g. a lock wait
-                text += f": {scrub(odbc_error_parts(exc)[1], self._mask)}"
+            detail = odbc_error_parts(exc)[1] if isinstance(exc, session.pyodbc.Error) else ""
+            if not detail or _NO_DIAGNOSTICS in detail:  # SQLCancel may leave the driver speechless
+                detail = session.waiting_for or ""
+            if detail:  # what the statement was doing, e.g. waiting for a lock
+                text += f": {scrub(detail, self._mask)}"
             return self._fail("timeout", text)
         if isinstance(exc, MalformedResultError):
             return self._fail("data", str(exc))

@@ -254,7 +254,7 @@ def test_postgres_locked_table_fails_by_the_deadline_before_query_timeout(
         error, took = refresh_failure(source, deadline_in=3)
     assert error.reason == "timeout"
     assert "the time left before the refresh deadline" in error.message or "deadline passed" in error.message
-    assert "canceling statement due to" in error.message
+    assert "checking v_R_User for changes" in error.message
     assert took < 3
 
 
@@ -316,7 +316,7 @@ def test_postgres_engine_reports_the_source_error_and_recovers(
     assert took < 3.5
     assert status.last_error is not None and "did not finish" not in status.last_error
     assert status.last_error.startswith("timeout: configmgr 127.0.0.1/cm_lock_cases: ")
-    assert "checking v_R_User for changes" in status.last_error and "canceling statement" in status.last_error
+    assert "checking v_R_User for changes" in status.last_error
     engine.refresh("t", "configmgr")
     status = source_status(engine)
     assert status.up and status.records == len(cmdb.CASE_USERS) - 1
