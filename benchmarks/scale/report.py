@@ -213,7 +213,14 @@ def as_json(results: Results) -> dict[str, Any]:
     document = dataclasses.asdict(results)
     document["machine"] = machine()
     document["checks"] = [
-        {"label": c.label, "ok": c.ok, "checked": c.checked, "mismatches": c.mismatches, "notes": c.notes}
+        {
+            "label": c.label,
+            "ok": c.ok,
+            "checked": c.checked,
+            "after_seconds": c.after_seconds,
+            "mismatches": c.mismatches,
+            "notes": c.notes,
+        }
         for c in results.checks
     ]
     if results.floor is not None:
@@ -262,8 +269,15 @@ def _latency(document: dict[str, Any], phase: str) -> str:
 
 def _checks(document: dict[str, Any]) -> str:
     checks = document.get("checks") or []
+    if not checks:
+        return "-"
     failed = [c["label"] for c in checks if not c["ok"]]
-    return "all exact" if checks and not failed else f"differ: {', '.join(failed)}" if failed else "-"
+    late = next((c for c in checks if c["label"] == "once evaluated after ready" and c["ok"]), None)
+    if late is not None and failed == ["at first ready"]:
+        start = _get(document, "phases", "start") or {}
+        lag = start.get("counts_exact_seconds", 0.0) - start.get("ready_seconds", 0.0)
+        return f"all exact ({lag:.1f}s after ready)"
+    return f"differ: {', '.join(failed)}" if failed else "all exact"
 
 
 def _at(*path: str, unit: str = "s", digits: int = 1) -> Any:
