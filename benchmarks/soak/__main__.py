@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from benchmarks.soak.faults import KINDS
 from benchmarks.soak.report import analyse, render, write_json
 from benchmarks.soak.run import Options, Soak, say
+from benchmarks.soak.statefile import DAMAGES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,10 +36,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, default=defaults.data_dir, help="servers, logs, state file")
     parser.add_argument("--json", dest="json_out", type=Path, help="also write the results as JSON")
     parser.add_argument(
+        "--faults",
+        type=_names(KINDS),
+        default=(),
+        help="only these fault kinds, comma-separated (to reproduce one)",
+    )
+    parser.add_argument(
+        "--damages",
+        type=_names({d.name: d for d in DAMAGES}),
+        default=(),
+        help="only these state-file damages, comma-separated",
+    )
+    parser.add_argument(
         "--exporter-rev",
         help="run the exporter of this git revision (e.g. HEAD: not the files being edited in the tree)",
     )
     return parser
+
+
+def _names(known: Mapping[str, object]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(name.strip() for name in text.split(",") if name.strip())
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(
+                f"unknown: {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return names
+
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -162,6 +162,8 @@ def make_plan(
     plan: list[Planned] = []
     for target in TARGETS:
         names = sorted(k.name for k in kinds.values() if k.target == target)
+        if not names:
+            continue
         t = rng.uniform(0.5, 1.5) * interval
         cycle: list[str] = []
         while True:

@@ -297,6 +297,7 @@ def _timeline(results: Results, monitor: Monitor) -> list[tuple[float, Figures]]
 
 
 def _rounds(results: Results, analysis: Analysis) -> None:
+    interval = results.options.interval
     for number, record in enumerate(results.rounds, 1):
         name = f"state round {number} ({record.damage}: {record.detail})"
         if record.exit_code != 0:
@@ -311,6 +312,11 @@ def _rounds(results: Results, analysis: Analysis) -> None:
             analysis.problems.append(f"{name}: never ready")
         if record.exact_after is None:
             analysis.problems.append(f"{name}: counts never exact again")
+        elif record.ready_after is not None and record.exact_after > record.ready_after + 2 * interval + 2:
+            analysis.problems.append(
+                f"{name}: counts exact only {record.exact_after:.1f}s after the start (ready after "
+                f"{record.ready_after:.1f}s): the damage was served until a later full read replaced it"
+            )
         if record.damage == "clean" and not record.exact_at_ready:
             analysis.problems.append(f"{name}: the restored snapshot was not exact when ready")
         damage = DAMAGES_BY_NAME.get(record.damage)

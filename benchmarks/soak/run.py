@@ -58,6 +58,8 @@ class Options:
     data_dir: Path = Path("/tmp/fault-soak")
     json_out: Path | None = None
     exporter_rev: str | None = None  # run this git revision (git archive), not the working tree
+    faults: tuple[str, ...] = ()  # only these fault kinds (default: every kind)
+    damages: tuple[str, ...] = ()  # only these state-file damages (default: every damage)
 
 
 @dataclass
@@ -266,7 +268,8 @@ class Soak:
     def _fault_phase(self, servers: Servers) -> None:
         options, results = self.options, self.results
         seconds = options.minutes * 60
-        plan = make_plan(options.seed, seconds, options.interval)
+        kinds = {name: kind for name, kind in KINDS.items() if not options.faults or name in options.faults}
+        plan = make_plan(options.seed, seconds, options.interval, kinds)
         injector = Injector(servers, options.seed, lambda: self.exporter.port if self.exporter else 0)
         events: list[tuple[float, int, Planned]] = []  # (offset, 0 clear / 1 apply, fault)
         for planned in plan:
@@ -356,7 +359,7 @@ class Soak:
     def _state_phase(self) -> None:
         options = self.options
         rng = random.Random(options.seed * 104729 + 7)
-        damages = list(statefile.DAMAGES)
+        damages = [d for d in statefile.DAMAGES if not options.damages or d.name in options.damages]
         rng.shuffle(damages)
         chosen = [damages[i % len(damages)] for i in range(options.state_rounds)]
         say(f"state file phase: a clean restart, {len(chosen)} damaged restarts, a clean restart")

@@ -157,15 +157,21 @@ def table_truncated(state: Path, rng: random.Random) -> str:
 
 
 def table_bitflip(state: Path, rng: random.Random) -> str:
+    """Bits flipped inside one column's data (what a bad disk block does): the file stays
+    structurally valid, so only a checksum could tell."""
     table = _pick_table(state, rng)
     data = bytearray(table.read_bytes())
-    start = len(MAGIC) + 8 + struct.unpack_from("<Q", data, len(MAGIC))[0]
+    length = struct.unpack_from("<Q", data, len(MAGIC))[0]
+    body = len(MAGIC) + 8 + length
+    header = json.loads(data[len(MAGIC) + 8 : body])
+    columns = [c for c in header["columns"] if c["buffers"] and c["buffers"][0][1] > 0]
+    column = rng.choice(columns)
+    offset, size = column["buffers"][0]
     flips = rng.choice((1, 8, 64))
     for _ in range(flips):
-        position = rng.randrange(start, len(data)) if start < len(data) else rng.randrange(len(data))
-        data[position] ^= 1 << rng.randrange(8)
+        data[body + offset + rng.randrange(size)] ^= 1 << rng.randrange(8)
     table.write_bytes(bytes(data))
-    return f"{flips} bit(s) flipped in the body of {table.name}"
+    return f"{flips} bit(s) flipped in column {column['name']} of {table.name}"
 
 
 def table_header(state: Path, rng: random.Random) -> str:
