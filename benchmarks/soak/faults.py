@@ -32,6 +32,7 @@ GRAPH_DATA_ENDPOINTS = (
     "subscriptions",
 )
 BAD_ROW_FIRST_ID = 990_000_000
+LONG_VALUE = 4 << 20  # characters of a value no identifier comes near
 _EVERY = 10**9  # "times" of a simulator fault that lasts until it is cleared
 
 
@@ -103,6 +104,13 @@ KINDS: dict[str, FaultKind] = {
             ("entra",),
             "data",
             "the delta link is rejected and the /users listing ends after its first page (no nextLink)",
+        ),
+        _kind(
+            "graph_long_values",
+            "graph",
+            ("entra_organization",),
+            ",data",
+            "a 4 MiB skuPartNumber and subscription status (to be cut or refused, never served whole)",
         ),
         _kind("graph_hang", "graph", GRAPH_SOURCES, "timeout", "Graph reads requests and never answers"),
         _kind(
@@ -253,6 +261,21 @@ class Injector:
         undo = self._graph_faults(("users",), "truncate")
         sim.invalidate_delta_tokens(status=410)  # the next refresh must list /users in full
         return "410 on the delta link, /users without nextLink", undo
+
+    def _graph_long_values(self) -> tuple[str, Callable[[], None]]:
+        sim = self.servers.graph.sim
+        with sim.lock:
+            tenant = next(iter(sim.tenants.values()))
+            sku, subscription = tenant.skus[0], tenant.subscriptions[0]
+            saved = (sku["skuPartNumber"], subscription.get("status"))
+            sku["skuPartNumber"] = "Z" * LONG_VALUE
+            subscription["status"] = "Y" * LONG_VALUE
+
+        def undo() -> None:
+            with sim.lock:
+                sku["skuPartNumber"], subscription["status"] = saved
+
+        return f"skuPartNumber of {saved[0]} and a subscription status of {LONG_VALUE >> 20} MiB", undo
 
     def _graph_hang(self) -> tuple[str, Callable[[], None]]:
         return "hang", self._graph_faults(GRAPH_DATA_ENDPOINTS, "hang")

@@ -38,6 +38,7 @@ from benchmarks.soak.statefile import DAMAGES
 from benchmarks.soak.watch import Figures, Monitor, Point, Request, quiet_figures
 
 SCHEDULING_SLACK = 1.0  # seconds a refresh may start late on a loaded machine
+MAX_GROWTH = 4  # a /metrics body may grow to this many times its settled size (or 1 MiB)
 DAMAGES_BY_NAME = {d.name: d for d in DAMAGES}
 _LOG_LINE = re.compile(r'^ts=(\S+) level=(\S+) logger=(\S+) msg="((?:[^"\\]|\\.)*)"')
 _FAILED = re.compile(r"^refresh of (.*?) for estate \S+ failed \((\w+)\): (.*)$")
@@ -225,6 +226,17 @@ def _requests(results: Results, monitor: Monitor, analysis: Analysis) -> None:
         "latency_max_ms": round(1000 * latencies[-1], 1) if latencies else None,
         "statuses": {path: dict(counter) for path, counter in sorted(statuses.items())},
     }
+    settled = sorted(r.size for r in scrapes if r.status == 200 and r.t <= results.settle_window[1])
+    if settled:
+        limit = max(MAX_GROWTH * settled[len(settled) // 2], 1 << 20)
+        bloated = [r for r in scrapes if r.size > limit]
+        for request in bloated[:5]:
+            analysis.problems.append(
+                f"/metrics at {_clock(request.t)} was {request.size:,} bytes "
+                f"({request.size / settled[len(settled) // 2]:.0f}x its settled size)"
+            )
+        if len(bloated) > 5:
+            analysis.problems.append(f"... and {len(bloated) - 5} more oversized /metrics bodies")
     for request in failed[:20]:
         analysis.problems.append(f"{request.path} at {_clock(request.t)} failed: {_request_failure(request)}")
     if len(failed) > 20:
