@@ -47,7 +47,9 @@ def entra_table():
             "usage_location": "DE",
         }
     )
-    return EntraTable.from_records([licensed, entra_for(ad_user("ben"), sync_enabled=False)], {"g1": "Licensing"})
+    return EntraTable.from_records(
+        [licensed, entra_for(ad_user("ben"), sync_enabled=False)], {"g1": "Licensing"}
+    )
 
 
 def organization():
@@ -61,7 +63,11 @@ def organization():
 
 def devices():
     return DeviceTable.from_records(
-        [ManagedDevice("0000aaaa-0000-0000-0000-000000000001", None, "Windows", "compliant", "mdm", 1.0, None, "PC1")]
+        [
+            ManagedDevice(
+                "0000aaaa-0000-0000-0000-000000000001", None, "Windows", "compliant", "mdm", 1.0, None, "PC1"
+            )
+        ]
     )
 
 
@@ -98,7 +104,9 @@ def same_table(a, b):
 
 
 def test_round_trip_of_every_source_type(tmp_path):
-    seen = FirstSeen.from_rows("hybrid_mdm", np.array([5, 3], np.uint64), np.array([1, 2], np.int8), np.array([1.0, 2.0]))
+    seen = FirstSeen.from_rows(
+        "hybrid_mdm", np.array([5, 3], np.uint64), np.array([1, 2], np.int8), np.array([1.0, 2.0])
+    )
     state = saved(seen)
     store = StateStore(tmp_path / "state.json")
     assert store.save(state, 1234.0)
@@ -162,7 +170,14 @@ def test_leftovers_of_a_killed_write_are_removed_at_start(tmp_path):
 
 def manifest(tmp_path):
     store = StateStore(tmp_path / "state.json")
-    store.save(saved(FirstSeen.from_rows("hybrid_mdm", np.array([1], np.uint64), np.array([1], np.int8), np.array([5.0]))), 1.0)
+    store.save(
+        saved(
+            FirstSeen.from_rows(
+                "hybrid_mdm", np.array([1], np.uint64), np.array([1], np.int8), np.array([5.0])
+            )
+        ),
+        1.0,
+    )
     return json.loads((tmp_path / "state.json").read_text())
 
 
@@ -203,7 +218,9 @@ def test_damaged_table_file_starts_only_that_estate_clean(tmp_path, caplog):
 
 def test_first_seen_times_out_of_range_are_rejected(tmp_path, caplog):
     store = StateStore(tmp_path / "state.json")
-    bad = FirstSeen.from_rows("hybrid_mdm", np.array([1], np.uint64), np.array([1], np.int8), np.array([-1e20]))
+    bad = FirstSeen.from_rows(
+        "hybrid_mdm", np.array([1], np.uint64), np.array([1], np.int8), np.array([-1e20])
+    )
     store.save(saved(bad), 1.0)
     assert "contoso" not in StateStore(tmp_path / "state.json").load().estates
     assert "outside years" in caplog.text
