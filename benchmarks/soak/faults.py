@@ -134,7 +134,15 @@ KINDS: dict[str, FaultKind] = {
             "configmgr",
             ("configmgr",),
             ",data",
-            "malformed user rows: bad GUID/SID/date/CloudUserID, an 8 MB name, NUL, invalid UTF-8",
+            "malformed user rows: bad GUID/SID/date/CloudUserID, NUL, invalid UTF-8",
+            alters=True,
+        ),
+        _kind(
+            "cm_long_values",
+            "configmgr",
+            ("configmgr",),
+            ",data",
+            "a user row with an 8 MiB account name and UPN (to be cut, never kept whole)",
             alters=True,
         ),
         _kind(
@@ -313,7 +321,14 @@ class Injector:
         return "BEGIN EXCLUSIVE held", undo
 
     def _cm_bad_rows(self) -> tuple[str, Callable[[], None]]:
-        rows = bad_user_rows(self._rng)
+        return self._cm_rows(bad_user_rows(self._rng))
+
+    def _cm_long_values(self) -> tuple[str, Callable[[], None]]:
+        big = "x" * (8 << 20)
+        row = (BAD_ROW_FIRST_ID, "huge", "CONTOSO\\" + big, big + "@contoso.com", None, None, None, None)
+        return self._cm_rows([row])
+
+    def _cm_rows(self, rows: list[tuple[object, ...]]) -> tuple[str, Callable[[], None]]:
         with contextlib.closing(self._connect()) as connection:
             connection.execute("BEGIN")
             connection.executemany(
@@ -373,7 +388,6 @@ class Injector:
 def bad_user_rows(rng: random.Random) -> list[tuple[object, ...]]:
     """User_DISC rows no real site database should hold (ItemKey, Name0, Unique_User_Name0,
     User_Principal_Name0, SID0, Object_GUID0, Creation_Date0, CloudUserId)."""
-    big = "x" * (8 << 20)
     rows: list[tuple[object, ...]] = [
         (
             0,
@@ -387,7 +401,6 @@ def bad_user_rows(rng: random.Random) -> list[tuple[object, ...]]:
         ),
         (1, "bad sid", "CONTOSO\\badsid", "badsid@contoso.com", "not-a-sid", None, None, None),
         (2, "bad date", "CONTOSO\\baddate", "baddate@contoso.com", None, None, "yesterday", None),
-        (3, "huge", "CONTOSO\\" + big, big + "@contoso.com", None, None, "2024-01-01 00:00:00", None),
         (4, "nul", "CONTOSO\\nul\x00user", "nul\x00@contoso.com", None, None, None, None),
         (5, "bad utf8", b"CONTOSO\\\xff\xfe\xfd", b"\xc3(@contoso.com", None, None, None, None),
         (6, "bad cloud id", "CONTOSO\\badcloud", "badcloud@contoso.com", None, None, None, "not-a-guid"),

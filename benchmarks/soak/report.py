@@ -237,6 +237,11 @@ def _requests(results: Results, monitor: Monitor, analysis: Analysis) -> None:
             )
         if len(bloated) > 5:
             analysis.problems.append(f"... and {len(bloated) - 5} more oversized /metrics bodies")
+    begin, end = results.fault_phase
+    for request in [r for r in requests if r.path == "/-/ready" and r.status == 503 and begin <= r.t <= end][
+        :5
+    ]:
+        analysis.problems.append(f"/-/ready answered 503 at {_clock(request.t)}: a fault cost the data")
     for request in failed[:20]:
         analysis.problems.append(f"{request.path} at {_clock(request.t)} failed: {_request_failure(request)}")
     if len(failed) > 20:

@@ -79,11 +79,13 @@ class Request:
 
     @property
     def failed(self) -> bool:
-        if self.status is None or self.blank or self.status >= 500:
+        if self.status is None or self.blank:
             return True
         if self.path == "/metrics":
             return self.status != 200
-        return False
+        if self.path == "/-/ready":
+            return self.status not in (200, 503)  # 503: no data yet (checked on its own)
+        return self.status >= 500
 
 
 def get(port: int, path: str, timeout: float = SCRAPE_TIMEOUT) -> tuple[int | None, bytes, str]:
