@@ -45,9 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--exporter-src", type=Path, help="run the exporter from this source tree")
     run.add_argument("--exporter-rev", help="run the exporter of this git revision (git archive)")
     run.add_argument(
-        "--declare-fetch",
-        action="store_true",
-        help="psqlODBC UseDeclareFetch=1 (a cursor, not the whole result)",
+        "--no-declare-fetch",
+        dest="declare_fetch",
+        action="store_false",
+        help="no UseDeclareFetch=1: psqlODBC then reads every result set into memory at once",
     )
     run.add_argument("--json", dest="json_out", type=Path, help="also write the results as JSON")
     generate = commands.add_parser("generate", help="only write the estate files and truth.json")
@@ -111,7 +112,7 @@ def serve(params: EstateParams, directory: Path) -> int:
         write_config(
             config,
             config_document(
-                servers.backends(declare_fetch=False),
+                servers.backends(declare_fetch=True),
                 anchor=float(document["anchor"]),
                 refresh_interval=300,
                 state_file=directory / "serve-state.json",

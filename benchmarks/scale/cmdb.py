@@ -123,10 +123,12 @@ class PostgresServer:
         )
         return result.stdout
 
-    def connection_string(self, *, declare_fetch: bool = False) -> str:
+    def connection_string(self, *, declare_fetch: bool = True) -> str:
         text = f"DRIVER={{{DRIVER}}};Server=127.0.0.1;Port={self.port};Database={DATABASE};UID=postgres"
         if declare_fetch:
-            # psqlODBC reads the whole result set into client memory unless it uses a cursor.
+            # psqlODBC reads a whole result set into client memory unless it fetches through a
+            # cursor; SQL Server's driver streams. Fetching 472,250 v_R_User rows with pyodbc alone
+            # peaked at 294 MiB without this and 72 MiB with it (and took less CPU).
             text += ";UseDeclareFetch=1;Fetch=5000"
         return text
 

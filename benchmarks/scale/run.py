@@ -75,7 +75,7 @@ class Options:
     churn: bool = True
     exporter_src: Path | None = None
     exporter_rev: str | None = None
-    declare_fetch: bool = False
+    declare_fetch: bool = True  # stream rows as SQL Server's driver does (see cmdb.py)
     connector_critical: bool = False
     discovery_critical: bool = False
     json_out: Path | None = None
