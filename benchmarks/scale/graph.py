@@ -5,9 +5,8 @@ and so that it does not share the driver's GIL. It answers the identity platform
 on one HTTPS port; the driver reads its request counters and applies changes through its admin
 routes (``GET /_sim/counters``, ``POST /_sim/users``).
 
-The simulator's own standalone mode (``python -m tests.entra.graph_sim serve``, with ``/users/delta``)
-is used when the checkout has it; otherwise :mod:`.graph_runner` serves the estate with the older
-in-process simulator (full reads only) behind the same admin routes.
+It is the test simulator's standalone mode (``python -m tests.entra.graph_sim serve``, with
+``/users/delta``), fed one JSON tenant document built from the generated files.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from typing import Any
 from benchmarks.scale.estate import EstateFiles
 
 REPO = Path(__file__).resolve().parents[2]
-STANDALONE = REPO / "tests" / "entra" / "sim_server.py"
 TENANT_DOCUMENT = "graph_tenant_document.json"
 NOT_GRAPH = {"admin"}  # the driver's own calls
 
@@ -54,7 +52,6 @@ class GraphService:
         self.root = root
         self.ca_file = root / "ca.pem"
         self.port = 0
-        self.mode = "standalone" if STANDALONE.exists() else "graph_runner"
         self._process: subprocess.Popen[str] | None = None
         tenant = json.loads((estate_dir / EstateFiles.GRAPH_TENANT).read_text())
         self.tenant_id: str = tenant["tenant_id"]
@@ -69,37 +66,25 @@ class GraphService:
     def pid(self) -> int | None:
         return self._process.pid if self._process is not None else None
 
-    def _command(self) -> list[str]:
-        if self.mode == "standalone":
-            document = tenant_document(self.estate_dir)
-            return [
-                *(sys.executable, "-m", "tests.entra.graph_sim", "serve", "--port", "0"),
-                *("--cert-dir", str(self.root), "--tenant-file", str(document)),
-            ]
-        return [
-            *(sys.executable, "-m", "benchmarks.scale.graph_runner"),
-            *("--estate", str(self.estate_dir), "--ca-file", str(self.ca_file)),
-        ]
-
     def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
+        document = tenant_document(self.estate_dir)
         self._process = subprocess.Popen(
-            self._command(),
+            [
+                *(sys.executable, "-m", "tests.entra.graph_sim", "serve", "--port", "0"),
+                *("--cert-dir", str(self.root), "--tenant-file", str(document)),
+            ],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
-            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
         assert self._process.stdout is not None
         line = self._process.stdout.readline()  # the tenant loads first: a while at 500k users
         try:
-            if self.mode == "standalone":
-                announced = json.loads(line)
-                self.port, self.ca_file = int(announced["port"]), Path(announced["ca_file"])
-            else:
-                self.port = int(line.split()[1])
-        except (ValueError, KeyError, IndexError):
+            announced = json.loads(line)  # {"port", "base_url", "ca_file", ...}
+            self.port, self.ca_file = int(announced["port"]), Path(announced["ca_file"])
+        except (ValueError, KeyError, TypeError):
             self.stop()
             raise RuntimeError(f"the Graph simulator did not start: {line!r}") from None
 
@@ -109,8 +94,6 @@ class GraphService:
             return
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-        if process.stdin is not None:
-            process.stdin.close()
         try:
             process.wait(30)
         except subprocess.TimeoutExpired:

@@ -137,7 +137,7 @@ def running_servers(root: Path, estate_dir: Path, highest_usn: int) -> Iterator[
         servers.load_seconds["postgresql (initdb + COPY)"] = time.monotonic() - started
         started = time.monotonic()
         graph.start()
-        servers.load_seconds[f"graph simulator ({graph.mode})"] = time.monotonic() - started
+        servers.load_seconds["graph simulator"] = time.monotonic() - started
         say(f"servers up: {slapd.ldaps_url}, postgresql 127.0.0.1:{cm.port}, graph {graph.base_url}")
         yield servers
     finally:
