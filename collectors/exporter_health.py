@@ -62,7 +62,15 @@ class ExporterHealthCollector:
             labels=[],
         )
         state_failures.add_metric([], snapshot.state_write_failures)
-        yield from (up, last_success, duration, records, errors, state_failures)
+        state_write = GaugeMetricFamily(
+            "intune_exporter_state_write_duration_seconds",
+            "How long the last completed write of the state file took (only the tables that changed are "
+            "written).",
+            labels=[],
+        )
+        if snapshot.state_write_seconds is not None:
+            state_write.add_metric([], snapshot.state_write_seconds)
+        yield from (up, last_success, duration, records, errors, state_failures, state_write)
         yield from _graph_metrics(snapshot)
         info = GaugeMetricFamily(
             "intune_exporter_build_info",

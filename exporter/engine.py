@@ -288,13 +288,18 @@ class Engine:
                 return True
             return deadline is not None and time.monotonic() > deadline
 
+        started = time.monotonic()
         try:
-            return self._store.save(state, self._clock(), should_stop)
+            written = self._store.save(state, self._clock(), should_stop)
         except OSError as exc:
             self._note_state_write_failure(exc)
             return False
+        if written:
+            self.state_write_seconds = time.monotonic() - started
+        return written
 
     state_write_failures = 0
+    state_write_seconds: float | None = None
     _state_write_failing = False
 
     def _note_state_write_failure(self, exc: OSError) -> None:
@@ -539,6 +544,7 @@ class Engine:
             labeler=UserLabeler(self.config.user_label, self._label_key or ""),
             refreshing=running,
             state_write_failures=self.state_write_failures,
+            state_write_seconds=self.state_write_seconds,
         )
 
 

@@ -79,8 +79,15 @@ class EstateSnapshot:
 
     @property
     def ready(self) -> bool:
-        """Every configured source has data: from a successful refresh or from the state file."""
-        return all(self.data.of(kind) is not None for kind in self.sources)
+        """Every configured source has data (from a successful refresh or from the state file) and,
+        where the pipeline's sources are configured, the stage metrics exist: a scrape right after
+        /-/ready turned 200 must find them."""
+        if not all(self.data.of(kind) is not None for kind in self.sources):
+            return False
+        from exporter.pipelines import implementation
+
+        needs_evaluation = implementation(self.pipeline).required <= set(self.sources)
+        return self.evaluation is not None or not needs_evaluation
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,7 @@ class Snapshot:
     labeler: UserLabeler = field(default_factory=UserLabeler)
     refreshing: Mapping[tuple[str, SourceKind], float] = field(default_factory=dict)  # monotonic start
     state_write_failures: int = 0
+    state_write_seconds: float | None = None  # duration of the last completed state write
 
     @property
     def ready(self) -> bool:
