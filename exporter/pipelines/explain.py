@@ -83,9 +83,13 @@ class UserExplanation:
 
 
 def iso(ts: float | None) -> str | None:
+    """ISO 8601 UTC text of POSIX seconds; None for unknown (or absurd) times."""
     if ts is None or ts != ts:
         return None
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    try:
+        return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def short(text: str, keep: int = 8) -> str:
