@@ -2,8 +2,9 @@
 
 Checks (each failure is one line under "problems"; the exit code is 1 when there is any):
 
-- **scrapes**: every ``/metrics`` answered 200 with the exporter's metrics, no page answered 5xx or
-  nothing, no blank body (restarts of the state-file phase excluded: the monitor is detached then);
+- **scrapes**: every ``/metrics`` answered 200 with the exporter's metrics and at most 4 times its
+  settled size (or 1 MiB), no page answered 5xx or nothing, no blank body, ``/-/ready`` stayed 200
+  through the fault phase (restarts of the state-file phase excluded: the monitor is detached then);
 - **recovery**: after each fault clears, every source it touched succeeds in a refresh that starts
   within one ``refresh_interval`` (+1 s of scheduling slack);
 - **reasons**: a fault's failures carry the reasons that name its cause, and a fault that must take
