@@ -65,6 +65,9 @@ DEVICE_PROPERTIES = (
 )
 
 
+MAX_TEXT_CHARS = 1024
+
+
 class ShapeError(ValueError):
     """A Graph object that does not have the documented shape."""
 
@@ -260,8 +263,11 @@ def parse_subscription(item: dict[str, Any]) -> Subscription:
 # ---------------------------------------------------------------------------- field readers
 def _str(item: dict[str, Any], key: str, what: str) -> str | None:
     value = item.get(key)
-    if value is None or isinstance(value, str):
-        return value
+    if value is None:
+        return None
+    if isinstance(value, str):
+        # No Graph identifier or name is this long; garbage must not grow metrics or the state file.
+        return value if len(value) <= MAX_TEXT_CHARS else value[:MAX_TEXT_CHARS]
     raise ShapeError(f"{what}: {key} is not a string")
 
 
