@@ -233,3 +233,17 @@ def test_table_file_validates_offsets_and_codes(tmp_path):
     same_table(table, read_table(path, EntraTable))
     with pytest.raises(ValueError):
         read_table(path, DeviceTable)
+
+
+def test_a_flipped_bit_inside_a_column_is_caught(tmp_path, caplog):
+    manifest(tmp_path)
+    store = StateStore(tmp_path / "state.json")
+    name = json.loads((tmp_path / "state.json").read_text())["estates"]["contoso"]["sources"]["configmgr"][
+        "table"
+    ]
+    path = store.directory / name
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0x01  # inside the last buffer, shape intact
+    path.write_bytes(bytes(raw))
+    assert "contoso" not in StateStore(tmp_path / "state.json").load().estates
+    assert "checksum" in caplog.text
