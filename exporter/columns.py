@@ -35,17 +35,7 @@ MAX_TEXT_BYTES = 1024  # longer backend values are cut: no identifier is that lo
 
 
 # ------------------------------------------------------------------------------------ keys
-def _digest(value: bytes) -> bytes:
-    return hashlib.blake2b(value, digest_size=8).digest()
-
-
 _NO_DIGEST = bytes(8)
-
-
-def _keys_from_digests(digests: list[bytes]) -> U64:
-    keys = np.frombuffer(b"".join(digests), dtype="<u8").astype(np.uint64)
-    keys[keys == NO_KEY] = 1  # 0 is reserved for "no identifier" (probability 2^-64)
-    return keys
 
 
 def text_key(value: str | None, *, fold: bool = True) -> int:
@@ -62,18 +52,38 @@ def text_keys(values: Iterable[str | None], *, fold: bool = True) -> U64:
     """64-bit keys of text identifiers; case-insensitive (casefolded) unless ``fold`` is false.
 
     Missing or empty values get NO_KEY. Deterministic across processes (unlike ``hash()``), so keys
-    can be persisted and compared between the exporter and the ``trace`` command.
+    can be persisted and compared between the exporter and the ``trace`` command. Equal to
+    :func:`text_key` value by value.
     """
-    digests: list[bytes] = []
-    missing: list[int] = []
-    for position, value in enumerate(values):
-        if value:
-            digests.append(_digest((value.casefold() if fold else value).encode("utf-8", "surrogatepass")))
-        else:
-            digests.append(_NO_DIGEST)
-            missing.append(position)
-    keys = _keys_from_digests(digests)
-    keys[missing] = NO_KEY
+    hash_ = hashlib.blake2b
+    texts = values if isinstance(values, list) else list(values)
+    if fold:
+        digests = [
+            hash_(v.casefold().encode("utf-8", "surrogatepass"), digest_size=8).digest() if v else _NO_DIGEST
+            for v in texts
+        ]
+    else:
+        digests = [
+            hash_(v.encode("utf-8", "surrogatepass"), digest_size=8).digest() if v else _NO_DIGEST
+            for v in texts
+        ]
+    return _keys_of(digests, texts)
+
+
+def bytes_keys(values: Sequence[bytes | None]) -> U64:
+    """:func:`text_keys` with ``fold=False`` of values already encoded as UTF-8 (no decoding)."""
+    blake2b = hashlib.blake2b
+    digests = [blake2b(v, digest_size=8).digest() if v else _NO_DIGEST for v in values]
+    return _keys_of(digests, values)
+
+
+def _keys_of(digests: list[bytes], values: Sequence[object]) -> U64:
+    """Keys from 8-byte digests (the all-zero digest stands for a missing value)."""
+    keys = np.frombuffer(b"".join(digests), dtype="<u8").astype(np.uint64)
+    zero = np.flatnonzero(keys == NO_KEY)
+    if len(zero):
+        # A present value whose digest is 0 (probability 2^-64) gets key 1, as in text_key.
+        keys[[int(i) for i in zero if values[int(i)]]] = 1
     return keys
 
 
@@ -231,6 +241,21 @@ class BlobBuilder:
             if self._nulls is not None:
                 self._nulls.append(0)
         self._offsets.append(len(self._data))
+
+    def extend(self, values: Iterable[str | bytes | None]) -> None:
+        """Append many values (as :meth:`append` one by one, with less work per value)."""
+        data, offsets = self._data, self._offsets
+        for value in values:
+            if value is None:
+                if self._nulls is None:
+                    self._nulls = bytearray(len(offsets) - 1)
+                self._nulls.append(1)
+            else:
+                encoded = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
+                data += encoded if len(encoded) <= MAX_TEXT_BYTES else _clip(encoded, self.text)
+                if self._nulls is not None:
+                    self._nulls.append(0)
+            offsets.append(len(data))
 
     def build(self) -> Blob:
         offsets = (

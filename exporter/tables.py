@@ -304,6 +304,32 @@ class TableBuilder:
         self.rows += 1
         return self.rows - 1
 
+    def extend(self, values: Mapping[str, Sequence[Any] | np.ndarray[Any, Any]]) -> int:
+        """Append many rows at once, column by column (every column named, equally long); returns
+        the row number of the first. Numbers may come as lists or numpy arrays."""
+        count = len(next(iter(values.values()))) if values else 0
+        if any(len(column) != count for column in values.values()):
+            raise ValueError("extend: columns of different lengths")
+        for name, numbers in self._numbers.items():
+            column = values[name]
+            if isinstance(column, np.ndarray):
+                numbers.frombytes(np.ascontiguousarray(column, dtype=numbers.typecode).tobytes())
+            else:
+                numbers.extend(column)
+        for name, blob in self._blobs.items():
+            blob.extend(values[name])
+        for name, (vocab, codes) in self._cats.items():
+            codes.extend([-1 if v is None else vocab.setdefault(v, len(vocab)) for v in values[name]])
+        for name, guids in self._guids.items():
+            column = values[name]
+            bad = next((v for v in column if v is not None and len(v) != 16), None)
+            if bad is not None:
+                raise ValueError(f"{name}: a GUID has 16 bytes, got {len(bad)}")
+            guids.extend(b"".join(_NO_GUID if v is None else v for v in column))
+        first = self.rows
+        self.rows += count
+        return first
+
     def columns(self) -> dict[str, ColumnValue]:
         kinds = {c.name: c.kind for c in self.table_type.COLUMNS}
         result: dict[str, ColumnValue] = {}

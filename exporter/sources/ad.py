@@ -262,8 +262,8 @@ class ActiveDirectorySource:
         skipped = SkippedEntries()
         per_base: dict[str, int] = {}
         builder = AdTableBuilder(scope.netbios_domain)
-        for user in scope.users(session, scope.user_filter, skipped=skipped, per_base=per_base):
-            builder.add(user)
+        for page in scope.user_pages(session, scope.user_filter, skipped=skipped, per_base=per_base):
+            page.add_to(builder)
         table = builder.build()
         self._report_skipped(skipped)
         empty = [base for base in scope.search_bases if not per_base.get(base)]

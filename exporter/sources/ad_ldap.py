@@ -32,6 +32,8 @@ import ldap3
 from ldap3.core import exceptions as ldap_errors
 from ldap3.utils.conv import escape_filter_chars
 
+from exporter.sources.ad_entries import EntryDiverter
+
 RawAttributes = Mapping[str, list[bytes]]
 Control = tuple[str, bool, bytes | None]
 
@@ -203,6 +205,8 @@ class LdapSession:
         self.activity = "connecting"
         self._aborted = threading.Event()
         self._closed = False
+        # Entries are decoded by us (ad_entries): ldap3's generic decoder costs 8x more per entry.
+        self._diverter = EntryDiverter(connection, lambda exc: ProtocolError(self.activity, exc))
 
     # -- time ---------------------------------------------------------------------------------
     @property
@@ -271,7 +275,23 @@ class LdapSession:
         page_size: int | None = None,
         controls: Sequence[Control] = (),
     ) -> Iterator[tuple[str, RawAttributes]]:
-        """(dn, raw attributes) of each entry found, one page per request.
+        """(dn, raw attributes) of each entry found (see :meth:`search_pages`)."""
+        for page in self.search_pages(
+            base, search_filter, attributes, scope=scope, page_size=page_size, controls=controls
+        ):
+            yield from page
+
+    def search_pages(
+        self,
+        base: str,
+        search_filter: str,
+        attributes: Iterable[str],
+        *,
+        scope: str = ldap3.SUBTREE,
+        page_size: int | None = None,
+        controls: Sequence[Control] = (),
+    ) -> Iterator[list[tuple[str, RawAttributes]]]:
+        """(dn, raw attributes) of the entries found, one list per page (one request each).
 
         Continuation references (other partitions, other domains) are skipped: the exporter reads
         one domain, from one DC. A missing base raises :class:`BaseNotFound`, a search that ended
@@ -281,6 +301,7 @@ class LdapSession:
         cookie: bytes | None = None
         while True:
             with self._request(f"searching {base or 'the rootDSE'}"):
+                self._diverter.collect(attributes)
                 try:
                     self.conn.search(
                         search_base=base,
@@ -293,12 +314,22 @@ class LdapSession:
                     )
                 except (ldap_errors.LDAPNoSuchObjectResult, ldap_errors.LDAPInvalidDnError):
                     raise BaseNotFound(base) from None
+                finally:
+                    diverted = self._diverter.stop()
                 response = list(self.conn.response or ())
                 result = dict(self.conn.result or {})
-            for item in response:
-                if item.get("type") == "searchResEntry":
-                    self.entries_read += 1
-                    yield item["dn"], item["raw_attributes"]
+            page: list[tuple[str, RawAttributes]] = [
+                (dn.decode("utf-8", "replace"), values) for dn, values in diverted
+            ]
+            del diverted
+            # Entries ldap3 decoded itself (when the diverter could not be installed).
+            page.extend(
+                (item["dn"], item["raw_attributes"])
+                for item in response
+                if item.get("type") == "searchResEntry"
+            )
+            self.entries_read += len(page)
+            yield page
             if result.get("result"):
                 raise IncompleteSearch(base, result)
             cookie = _paged_cookie(result) if page_size else None

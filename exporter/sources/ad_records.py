@@ -7,13 +7,19 @@ directory of any size never sits in memory as ldap3 ``Entry`` objects.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+import struct
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
 
 from exporter.ids import guid_bytes, sid_from_bytes
-from exporter.model import AdUser
+from exporter.model import AdTableBuilder, AdUser
 from exporter.sources.ad_ldap import LdapSession, RawAttributes
+
+NAN = float("nan")
 
 CONSISTENCY_GUID = "mS-DS-ConsistencyGuid"
 BASE_ATTRIBUTES: tuple[str, ...] = (
@@ -111,6 +117,112 @@ class SkippedEntries:
         self.example = self.example or f"{dn}: {problem}"
 
 
+@dataclass
+class UserColumns:
+    """Users field by field (one list per AdUser field; NaN for no whenCreated)."""
+
+    guids: list[bytes] = field(default_factory=list)
+    anchors: list[bytes] = field(default_factory=list)
+    sids: list[str] = field(default_factory=list)
+    sams: list[str] = field(default_factory=list)
+    upns: list[str | None] = field(default_factory=list)
+    created: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.guids)
+
+    def add_to(self, builder: AdTableBuilder) -> None:
+        builder.add_columns(
+            guids=self.guids,
+            anchors=self.anchors,
+            sids=self.sids,
+            sams=self.sams,
+            upns=self.upns,
+            created=self.created,
+        )
+
+    def users(self) -> Iterator[AdUser]:
+        for guid, anchor, sid, sam, upn, created in zip(
+            self.guids, self.anchors, self.sids, self.sams, self.upns, self.created, strict=True
+        ):
+            yield AdUser(guid, sid, sam, upn, anchor, None if created != created else created)
+
+
+def users_of_page(
+    entries: Sequence[tuple[str, RawAttributes]],
+    source_anchor: str,
+    seen: set[bytes],
+    skipped: SkippedEntries | None = None,
+) -> tuple[UserColumns, int]:
+    """The usable users of one page of entries, each objectGUID once (``seen`` carries over from
+    page to page), and how many of the entries were usable (duplicates included).
+
+    The same checks and values as :func:`user_from_raw`, with the common forms of the binary SID
+    and of whenCreated converted in bulk (this runs for every user of a full read).
+    """
+    times = generalized_times([first_value(raw, "whenCreated") for _, raw in entries])
+    columns = UserColumns()
+    consistency = source_anchor == CONSISTENCY_GUID
+    usable = 0
+    for (dn, raw), seconds in zip(entries, times.tolist(), strict=True):
+        try:
+            guid = object_guid(raw)
+            if guid is None:
+                raise ValueError("objectGUID is missing (not readable by the bind account?)")
+            sid_raw = first_value(raw, "objectSid")
+            if sid_raw is None:
+                raise ValueError("objectSid is missing (not readable by the bind account?)")
+            sid = sid_of(sid_raw)
+            sam = text_value(raw, "sAMAccountName")
+            if not sam:
+                raise ValueError("sAMAccountName is missing")
+            upn = text_value(raw, "userPrincipalName")
+            anchor = (first_value(raw, CONSISTENCY_GUID) or guid) if consistency else guid
+            if seconds != seconds:  # not in the common form (or missing): parsed one by one
+                created = text_value(raw, "whenCreated")
+                seconds = generalized_time_seconds(created) if created else NAN
+        except ValueError as exc:
+            if skipped is not None:
+                skipped.add(dn, exc)
+            continue
+        usable += 1
+        if guid in seen:
+            continue
+        seen.add(guid)
+        columns.guids.append(guid)
+        columns.anchors.append(anchor)
+        columns.sids.append(sid)
+        columns.sams.append(sam)
+        columns.upns.append(upn)
+        columns.created.append(seconds)
+    return columns, usable
+
+
+def read_user_pages(
+    session: LdapSession,
+    search_bases: Iterable[str],
+    search_filter: str,
+    source_anchor: str,
+    page_size: int,
+    skipped: SkippedEntries | None = None,
+    per_base: dict[str, int] | None = None,
+) -> Iterator[UserColumns]:
+    """The users matching ``search_filter`` under every base, page by page, each once even when
+    bases overlap. ``per_base`` (when given) receives the number of matching users under each base.
+    """
+    seen: set[bytes] = set()
+    attributes = user_attributes(source_anchor)
+    for base in search_bases:
+        found = 0
+        for entries in session.search_pages(base, search_filter, attributes, page_size=page_size):
+            columns, usable = users_of_page(entries, source_anchor, seen, skipped)
+            del entries
+            found += usable
+            yield columns
+        if per_base is not None:
+            per_base[base] = per_base.get(base, 0) + found
+
+
 def stream_users(
     session: LdapSession,
     search_bases: Iterable[str],
@@ -120,40 +232,78 @@ def stream_users(
     skipped: SkippedEntries | None = None,
     per_base: dict[str, int] | None = None,
 ) -> Iterator[AdUser]:
-    """Users matching ``search_filter`` under every base, each once even when bases overlap.
+    """:func:`read_user_pages` one user at a time."""
+    for columns in read_user_pages(
+        session, search_bases, search_filter, source_anchor, page_size, skipped, per_base
+    ):
+        yield from columns.users()
 
-    ``per_base`` (when given) receives the number of matching users found under each base.
-    """
-    seen: set[bytes] = set()
-    attributes = user_attributes(source_anchor)
-    for base in search_bases:
-        found = 0
-        for dn, raw in session.search(base, search_filter, attributes, page_size=page_size):
-            try:
-                user = user_from_raw(raw, source_anchor)
-            except ValueError as exc:
-                if skipped is not None:
-                    skipped.add(dn, exc)
-                continue
-            found += 1
-            if user.object_guid in seen:
-                continue
-            seen.add(user.object_guid)
-            yield user
-        if per_base is not None:
-            per_base[base] = per_base.get(base, 0) + found
+
+# ------------------------------------------------------------------------- bulk conversions
+_SID_5_21 = b"\x01\x05\x00\x00\x00\x00\x00\x05"  # revision 1, 5 sub-authorities, NT authority
+_FIVE_SUBAUTHORITIES = struct.Struct("<5I")
+
+
+def sid_of(raw: bytes) -> str:
+    """``S-1-...`` text of a binary SID; domain accounts (S-1-5 with 5 sub-authorities) at once."""
+    if len(raw) == 28 and raw[:8] == _SID_5_21:
+        a, b, c, d, e = _FIVE_SUBAUTHORITIES.unpack_from(raw, 8)
+        return f"S-1-5-{a}-{b}-{c}-{d}-{e}"
+    return sid_from_bytes(raw)
+
+
+_DAYS_BEFORE_MONTH = np.array([0, 0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334], dtype=np.int64)
+_DAYS_IN_MONTH = np.array([0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
+_COMMON_FORM = 17  # len("20240131235959.0Z"): AD and OpenLDAP write whenCreated this way
+_NOT_COMMON = b"x" * _COMMON_FORM
+
+
+def generalized_times(values: Sequence[bytes | None]) -> np.ndarray[Any, np.dtype[np.float64]]:
+    """POSIX seconds of GeneralizedTime values of the form ``YYYYMMDDHHMMSS.0Z``, in one vectorised
+    pass; NaN for every other value (missing, another form, or not a valid time), which the caller
+    parses with :func:`generalized_time_seconds` (and its errors)."""
+    if not values:
+        return np.zeros(0, dtype=np.float64)
+    joined = b"".join(v if v is not None and len(v) == _COMMON_FORM else _NOT_COMMON for v in values)
+    raw = np.frombuffer(joined, dtype=np.uint8).reshape(-1, _COMMON_FORM)
+    digits = raw[:, :14].astype(np.int64) - ord("0")
+    ok = ((digits >= 0) & (digits <= 9)).all(axis=1)
+    ok &= (raw[:, 14] == ord(".")) & (raw[:, 15] == ord("0")) & (raw[:, 16] == ord("Z"))
+    d = digits.T
+    year = d[0] * 1000 + d[1] * 100 + d[2] * 10 + d[3]
+    month = d[4] * 10 + d[5]
+    day = d[6] * 10 + d[7]
+    hour, minute, second = d[8] * 10 + d[9], d[10] * 10 + d[11], d[12] * 10 + d[13]
+    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
+    month_ok = (month >= 1) & (month <= 12)
+    safe_month = np.where(month_ok, month, 1)
+    month_days = _DAYS_IN_MONTH[safe_month] - ((safe_month == 2) & ~leap)
+    ok &= month_ok & (day >= 1) & (day <= month_days) & (year >= 1)
+    ok &= (hour < 24) & (minute < 60) & (second < 60)
+    # Days since 1970-01-01 (proleptic Gregorian), from the days before this year and month.
+    years = year - 1
+    days = years * 365 + years // 4 - years // 100 + years // 400 - 719162
+    days += _DAYS_BEFORE_MONTH[safe_month] + ((safe_month > 2) & leap) + day - 1
+    seconds = (days * 86400 + hour * 3600 + minute * 60 + second).astype(np.float64)
+    seconds[~ok] = np.nan
+    return seconds
 
 
 __all__ = [
     "BASE_ATTRIBUTES",
     "CONSISTENCY_GUID",
     "SkippedEntries",
+    "UserColumns",
     "first_value",
     "generalized_time_seconds",
+    "generalized_times",
     "int_value",
     "object_guid",
+    "read_user_pages",
+    "sid_of",
     "stream_users",
     "text_value",
     "user_attributes",
     "user_from_raw",
+    "users_of_page",
 ]

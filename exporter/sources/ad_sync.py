@@ -49,9 +49,11 @@ from exporter.sources.ad_ldap import (
 )
 from exporter.sources.ad_records import (
     SkippedEntries,
+    UserColumns,
     first_value,
     int_value,
     object_guid,
+    read_user_pages,
     stream_users,
     text_value,
 )
@@ -198,6 +200,18 @@ class Scope:
         bases = self.search_bases if bases is None else bases
         return stream_users(
             session, bases, search_filter, self.source_anchor, self.page_size, skipped, per_base
+        )
+
+    def user_pages(
+        self,
+        session: LdapSession,
+        search_filter: str,
+        skipped: SkippedEntries | None = None,
+        per_base: dict[str, int] | None = None,
+    ) -> Iterator[UserColumns]:
+        """:meth:`users` under the search bases, page by page and field by field (full reads)."""
+        return read_user_pages(
+            session, self.search_bases, search_filter, self.source_anchor, self.page_size, skipped, per_base
         )
 
 
