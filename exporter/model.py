@@ -433,6 +433,61 @@ def _license_state(states: Table, i: int) -> LicenseState:
     )
 
 
+@dataclass
+class EntraColumns:
+    """Entra users field by field, with their child rows (``*_rows``: the user's position in these
+    lists); what :meth:`EntraTableBuilder.add_columns` takes. Times are NaN where unknown, plans are
+    :func:`plans_text`, ``enabled`` 1/0/-1."""
+
+    ids: list[bytes] = field(default_factory=list)  # raw 16 bytes, RFC 4122 order
+    upns: list[str | None] = field(default_factory=list)
+    synced: list[bool] = field(default_factory=list)
+    imms: list[str | None] = field(default_factory=list)
+    sids: list[str | None] = field(default_factory=list)
+    created: list[float] = field(default_factory=list)
+    enabled: list[int] = field(default_factory=list)
+    usage_locations: list[str | None] = field(default_factory=list)
+    error_rows: list[int] = field(default_factory=list)
+    error_categories: list[str] = field(default_factory=list)
+    license_rows: list[int] = field(default_factory=list)
+    license_skus: list[str] = field(default_factory=list)
+    license_disabled: list[str] = field(default_factory=list)
+    state_rows: list[int] = field(default_factory=list)
+    state_skus: list[str] = field(default_factory=list)
+    state_states: list[str | None] = field(default_factory=list)
+    state_errors: list[str | None] = field(default_factory=list)
+    state_groups: list[str | None] = field(default_factory=list)
+    state_disabled: list[str] = field(default_factory=list)
+    state_updated: list[float] = field(default_factory=list)
+
+    def add_user(self, user: EntraUser) -> None:
+        """One user given as a record (the exact path's result)."""
+        row = len(self.ids)
+        self.ids.append(object_id_bytes(user.id))
+        self.upns.append(user.user_principal_name)
+        self.synced.append(bool(user.on_premises_sync_enabled))
+        self.imms.append(user.on_premises_immutable_id)
+        self.sids.append(user.on_premises_security_identifier)
+        self.created.append(_time(user.created))
+        self.enabled.append(-1 if user.account_enabled is None else int(user.account_enabled))
+        self.usage_locations.append(user.usage_location)
+        for category in user.provisioning_error_categories:
+            self.error_rows.append(row)
+            self.error_categories.append(category)
+        for lic in user.assigned_licenses:
+            self.license_rows.append(row)
+            self.license_skus.append(lic.sku_id)
+            self.license_disabled.append(plans_text(lic.disabled_plans))
+        for state in user.license_states:
+            self.state_rows.append(row)
+            self.state_skus.append(state.sku_id)
+            self.state_states.append(state.state)
+            self.state_errors.append(state.error)
+            self.state_groups.append(state.assigned_by_group)
+            self.state_disabled.append(plans_text(state.disabled_plans))
+            self.state_updated.append(_time(state.last_updated))
+
+
 class EntraTableBuilder:
     def __init__(self, group_names: Mapping[str, str] | None = None) -> None:
         self.group_names = dict(group_names or {})
@@ -480,6 +535,47 @@ class EntraTableBuilder:
                     "updated": _time(state.last_updated),
                 }
             )
+
+    def add_columns(self, users: EntraColumns) -> None:
+        """Many users at once (the same table as :meth:`add` of each, keys hashed per column)."""
+        count = len(users.ids)
+        first = self._users.extend(
+            {
+                "id": users.ids,
+                "upn": users.upns,
+                "synced": users.synced,
+                "imm": users.imms,
+                "sid": users.sids,
+                "created": users.created,
+                "enabled": users.enabled,
+                "usage_location": users.usage_locations,
+                "k_id": np.zeros(count, dtype=np.uint64),  # vectorised in build()
+                "k_imm": text_keys(users.imms, fold=False),
+                "k_sid": text_keys(users.sids),
+                "k_upn": text_keys(users.upns),
+            }
+        )
+        self._errors.extend(
+            {"row": [first + r for r in users.error_rows], "category": users.error_categories}
+        )
+        self._licenses.extend(
+            {
+                "row": [first + r for r in users.license_rows],
+                "sku": users.license_skus,
+                "disabled": users.license_disabled,
+            }
+        )
+        self._states.extend(
+            {
+                "row": [first + r for r in users.state_rows],
+                "sku": users.state_skus,
+                "state": users.state_states,
+                "error": users.state_errors,
+                "group": users.state_groups,
+                "disabled": users.state_disabled,
+                "updated": users.state_updated,
+            }
+        )
 
     def build(self) -> EntraTable:
         columns = self._users.columns()

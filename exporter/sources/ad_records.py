@@ -11,13 +11,11 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
-
-import numpy as np
 
 from exporter.ids import guid_bytes, sid_from_bytes
 from exporter.model import AdTableBuilder, AdUser
 from exporter.sources.ad_ldap import LdapSession, RawAttributes
+from exporter.sources.bulk import generalized_times
 
 NAN = float("nan")
 
@@ -250,43 +248,6 @@ def sid_of(raw: bytes) -> str:
         a, b, c, d, e = _FIVE_SUBAUTHORITIES.unpack_from(raw, 8)
         return f"S-1-5-{a}-{b}-{c}-{d}-{e}"
     return sid_from_bytes(raw)
-
-
-_DAYS_BEFORE_MONTH = np.array([0, 0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334], dtype=np.int64)
-_DAYS_IN_MONTH = np.array([0, 31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31], dtype=np.int64)
-_COMMON_FORM = 17  # len("20240131235959.0Z"): AD and OpenLDAP write whenCreated this way
-_NOT_COMMON = b"x" * _COMMON_FORM
-
-
-def generalized_times(values: Sequence[bytes | None]) -> np.ndarray[Any, np.dtype[np.float64]]:
-    """POSIX seconds of GeneralizedTime values of the form ``YYYYMMDDHHMMSS.0Z``, in one vectorised
-    pass; NaN for every other value (missing, another form, or not a valid time), which the caller
-    parses with :func:`generalized_time_seconds` (and its errors)."""
-    if not values:
-        return np.zeros(0, dtype=np.float64)
-    joined = b"".join(v if v is not None and len(v) == _COMMON_FORM else _NOT_COMMON for v in values)
-    raw = np.frombuffer(joined, dtype=np.uint8).reshape(-1, _COMMON_FORM)
-    digits = raw[:, :14].astype(np.int64) - ord("0")
-    ok = ((digits >= 0) & (digits <= 9)).all(axis=1)
-    ok &= (raw[:, 14] == ord(".")) & (raw[:, 15] == ord("0")) & (raw[:, 16] == ord("Z"))
-    d = digits.T
-    year = d[0] * 1000 + d[1] * 100 + d[2] * 10 + d[3]
-    month = d[4] * 10 + d[5]
-    day = d[6] * 10 + d[7]
-    hour, minute, second = d[8] * 10 + d[9], d[10] * 10 + d[11], d[12] * 10 + d[13]
-    leap = (year % 4 == 0) & ((year % 100 != 0) | (year % 400 == 0))
-    month_ok = (month >= 1) & (month <= 12)
-    safe_month = np.where(month_ok, month, 1)
-    month_days = _DAYS_IN_MONTH[safe_month] - ((safe_month == 2) & ~leap)
-    ok &= month_ok & (day >= 1) & (day <= month_days) & (year >= 1)
-    ok &= (hour < 24) & (minute < 60) & (second < 60)
-    # Days since 1970-01-01 (proleptic Gregorian), from the days before this year and month.
-    years = year - 1
-    days = years * 365 + years // 4 - years // 100 + years // 400 - 719162
-    days += _DAYS_BEFORE_MONTH[safe_month] + ((safe_month > 2) & leap) + day - 1
-    seconds = (days * 86400 + hour * 3600 + minute * 60 + second).astype(np.float64)
-    seconds[~ok] = np.nan
-    return seconds
 
 
 __all__ = [

@@ -75,6 +75,7 @@ from exporter.sources.graph_records import (
     parse_sku,
     parse_subscription,
     parse_user,
+    user_columns,
     user_id_of,
     user_properties,
 )
@@ -163,8 +164,11 @@ class EntraUsersSource(GraphSource):
         expected = self._user_count(budget)
         builder = EntraTableBuilder()
         for page in self.client.get_pages("users", self.users_url(), budget):
-            for item in page:
-                builder.add(self._parse(item))
+            try:
+                builder.add_columns(user_columns(page))
+            except ShapeError as exc:
+                raise self._shape_error(exc) from None
+            del page
         self._check_complete(builder.rows, expected)
         table = builder.build()
         table.meta.update(read="full", licenses_at=started, delta_scope=self._delta_scope())

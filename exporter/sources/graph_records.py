@@ -9,19 +9,22 @@ reason ``data`` rather than producing half-right metrics.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from exporter.ids import epoch_seconds, guid_text, sid_text
 from exporter.model import (
     AssignedLicense,
+    EntraColumns,
     EntraUser,
     LicenseState,
     ManagedDevice,
     ServicePlan,
     SubscribedSku,
     Subscription,
+    plans_text,
 )
+from exporter.sources.bulk import iso_times
 
 # The user properties every read selects (full read, delta, licence sweep, look-ups): exactly what
 # EntraUser holds. Fewer properties also mean fewer delta changes to read (a property that is not
@@ -183,6 +186,226 @@ _USER_FIELDS: dict[str, tuple[str, Callable[[dict[str, Any], str], Any]]] = {
     "licenseAssignmentStates": ("license_states", _license_states),
     "usageLocation": ("usage_location", lambda item, what: _str(item, "usageLocation", what)),
 }
+
+
+# ---------------------------------------------------------------------------- users in bulk
+class _PageCaches:
+    """Normalised forms of the values that repeat across a tenant (SKU and plan ids, plan sets)."""
+
+    def __init__(self) -> None:
+        self.guids: dict[str, str | None] = {}
+        self.plans: dict[tuple[str, ...], str | None] = {}
+
+    def guid(self, value: object) -> str | None:
+        """Lower-case GUID text of a canonical GUID string; None for anything else (the exact
+        parser then decides)."""
+        if type(value) is not str:
+            return None
+        known = self.guids.get(value, _UNKNOWN)
+        if known is not _UNKNOWN:
+            return known  # type: ignore[return-value]
+        normal = value.lower() if canonical_guid_bytes(value) is not None else None
+        if len(self.guids) < 10_000:
+            self.guids[value] = normal
+        return normal
+
+    def plan_set(self, value: object) -> str | None:
+        """plans_text of a disabledPlans list of canonical GUIDs; None for anything else."""
+        if value is None:
+            return ""
+        if type(value) is not list:
+            return None
+        key = tuple(value)
+        known = self.plans.get(key, _UNKNOWN)
+        if known is not _UNKNOWN:
+            return known  # type: ignore[return-value]
+        normal: list[str] = []
+        for plan in value:
+            text = self.guid(plan)
+            if text is None:
+                return None
+            normal.append(text)
+        result = plans_text(normal)
+        if len(self.plans) < 10_000:
+            self.plans[key] = result
+        return result
+
+
+_UNKNOWN = object()
+_NAN = float("nan")
+
+
+def canonical_guid_bytes(value: str) -> bytes | None:
+    """The 16 bytes (RFC 4122 order) of ``8-4-4-4-12`` hex GUID text, None for any other form."""
+    if len(value) != 36 or value[8] != "-" or value[13] != "-" or value[18] != "-" or value[23] != "-":
+        return None
+    try:
+        raw = bytes.fromhex(value[:8] + value[9:13] + value[14:18] + value[19:23] + value[24:])
+    except ValueError:
+        return None
+    return raw if len(raw) == 16 else None
+
+
+def user_columns(items: Sequence[Any]) -> EntraColumns:
+    """The users of one listing page, field by field: what :func:`parse_user` makes of each item.
+
+    Items of the usual shape (canonical GUIDs, values of the documented JSON types) are converted
+    here in bulk; any other item goes through :func:`parse_user`, which accepts it or raises its
+    :class:`ShapeError` naming the user and property.
+    """
+    columns = EntraColumns()
+    caches = _PageCaches()
+    created: list[tuple[int, str, str]] = []  # (row, value, user id) parsed in bulk below
+    updated: list[tuple[int, str, str]] = []  # (state row, value, user id)
+    for item in items:
+        if not _add_plain_user(columns, item, caches, created, updated):
+            columns.add_user(parse_user(item if isinstance(item, dict) else {}))
+    _fill_times(columns.created, created, "createdDateTime")
+    _fill_times(columns.state_updated, updated, "lastUpdatedDateTime")
+    return columns
+
+
+def _fill_times(target: list[float], pending: list[tuple[int, str, str]], key: str) -> None:
+    if not pending:
+        return
+    seconds = iso_times([value for _, value, _ in pending]).tolist()
+    for (row, value, user_id), parsed in zip(pending, seconds, strict=True):
+        if parsed != parsed:  # not the common form: the exact parser (and its error)
+            parsed = _time({key: value}, key, f"user {user_id}")
+            parsed = _NAN if parsed is None else parsed
+        target[row] = parsed
+
+
+def _add_plain_user(
+    columns: EntraColumns,
+    item: Any,
+    caches: _PageCaches,
+    created: list[tuple[int, str, str]],
+    updated: list[tuple[int, str, str]],
+) -> bool:
+    """Append ``item`` when every value has the usual shape; False (nothing appended) otherwise."""
+    if type(item) is not dict:
+        return False
+    get = item.get
+    user_id = get("id")
+    raw_id = canonical_guid_bytes(user_id) if type(user_id) is str else None
+    upn, enabled, synced = get("userPrincipalName"), get("accountEnabled"), get("onPremisesSyncEnabled")
+    immutable, sid = get("onPremisesImmutableId"), get("onPremisesSecurityIdentifier")
+    when, usage = get("createdDateTime"), get("usageLocation")
+    if (
+        raw_id is None
+        or not (upn is None or type(upn) is str)
+        or not (enabled is None or type(enabled) is bool)
+        or not (synced is None or type(synced) is bool)
+        or not (immutable is None or type(immutable) is str)
+        or not (when is None or type(when) is str)
+        or not (usage is None or type(usage) is str)
+    ):
+        return False
+    if sid is not None:
+        if type(sid) is not str:
+            return False
+        sid = sid.strip().upper() or None
+        if sid is not None and not sid.startswith("S-1-"):
+            return False
+    errors = _plain_errors(get("onPremisesProvisioningErrors"))
+    licenses = _plain_licenses(get("assignedLicenses"), caches)
+    states = _plain_states(get("licenseAssignmentStates"), caches)
+    if errors is None or licenses is None or states is None:
+        return False
+    row = len(columns.ids)
+    columns.ids.append(raw_id)
+    columns.upns.append(upn)
+    columns.synced.append(synced is True)
+    columns.imms.append(immutable)
+    columns.sids.append(sid)
+    columns.created.append(_NAN)
+    if when:
+        created.append((row, when, str(user_id).lower()))
+    columns.enabled.append(-1 if enabled is None else int(enabled))
+    columns.usage_locations.append(usage)
+    for category in errors:
+        columns.error_rows.append(row)
+        columns.error_categories.append(category)
+    for sku, disabled in licenses:
+        columns.license_rows.append(row)
+        columns.license_skus.append(sku)
+        columns.license_disabled.append(disabled)
+    for sku, state, error, group, disabled, last in states:
+        if last:
+            updated.append((len(columns.state_rows), last, str(user_id).lower()))
+        columns.state_rows.append(row)
+        columns.state_skus.append(sku)
+        columns.state_states.append(state)
+        columns.state_errors.append(error)
+        columns.state_groups.append(group)
+        columns.state_disabled.append(disabled)
+        columns.state_updated.append(_NAN)
+    return True
+
+
+def _plain_errors(value: Any) -> list[str] | None:
+    if not value:
+        return [] if value is None or type(value) is list else None
+    if type(value) is not list:
+        return None
+    categories: list[str] = []
+    for error in value:
+        category = error.get("category") if type(error) is dict else 0
+        if not (category is None or type(category) is str):
+            return None
+        categories.append(category or "Unknown")
+    return categories
+
+
+def _plain_licenses(value: Any, caches: _PageCaches) -> list[tuple[str, str]] | None:
+    if value is None:
+        return []
+    if type(value) is not list:
+        return None
+    licenses: list[tuple[str, str]] = []
+    for lic in value:
+        if type(lic) is not dict:
+            return None
+        sku, disabled = caches.guid(lic.get("skuId")), caches.plan_set(lic.get("disabledPlans"))
+        if sku is None or disabled is None:
+            return None
+        licenses.append((sku, disabled))
+    return licenses
+
+
+_State = tuple[str, str | None, str | None, str | None, str, str | None]
+
+
+def _plain_states(value: Any, caches: _PageCaches) -> list[_State] | None:
+    if value is None:
+        return []
+    if type(value) is not list:
+        return None
+    states: list[_State] = []
+    for entry in value:
+        if type(entry) is not dict:
+            return None
+        get = entry.get
+        sku, disabled = caches.guid(get("skuId")), caches.plan_set(get("disabledPlans"))
+        state, error, group = get("state"), get("error"), get("assignedByGroup")
+        last = get("lastUpdatedDateTime")
+        if (
+            sku is None
+            or disabled is None
+            or not (state is None or type(state) is str)
+            or not (error is None or type(error) is str)
+            or not (last is None or type(last) is str)
+        ):
+            return None
+        if group:
+            group = caches.guid(group)
+            if group is None:
+                return None
+        elif group is not None and type(group) is not str:
+            return None
+        states.append((sku, state, error, group or None, disabled, last))
+    return states
 
 
 # ---------------------------------------------------------------------------- managed devices

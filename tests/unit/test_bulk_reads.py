@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import struct
 import uuid
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from ldap3.operation.search import search_result_entry_response_to_dict_fast
 from ldap3.utils.asn1 import decode_message_fast
 
 from exporter.columns import bytes_keys, text_key, text_keys
-from exporter.model import AdTable, AdTableBuilder, AdUser
+from exporter.ids import epoch_seconds
+from exporter.model import AdTable, AdTableBuilder, AdUser, EntraTable, EntraTableBuilder
 from exporter.sources.ad_entries import (
     MalformedEntry,
     decode_search_entry,
@@ -29,9 +31,12 @@ from exporter.sources.ad_records import (
     user_from_raw,
     users_of_page,
 )
+from exporter.sources.bulk import iso_times
+from exporter.sources.graph_records import ShapeError, parse_user, user_columns
 from exporter.tables import TableBuilder
 from tests.ad.fake_ldap import integer, message, octets, search_entry, tlv
 from tests.builders import ad_user
+from tests.entra import tenant_data
 
 
 # ------------------------------------------------------------------------ LDAP entries
@@ -198,3 +203,104 @@ def _assert_same_table(first: AdTable, second: AdTable) -> None:
             assert np.array_equal(value, other, equal_nan=value.dtype.kind == "f"), name
         else:
             assert value.values() == other.values(), name  # type: ignore[union-attr]
+
+
+# ------------------------------------------------------------------------ Graph users
+def _odd_users() -> list[dict[str, Any]]:
+    """Users of every shape parse_user accepts, the usual ones and the unusual ones."""
+    rng = random.Random(11)
+    users: list[dict[str, Any]] = []
+    for i in range(300):
+        user = tenant_data.graph_user(
+            i,
+            synced=i % 5 != 0,
+            immutable=i % 7 != 0,
+            created=rng.choice(
+                ["2024-03-01T08:15:00Z", None, "", "2024-03-01T08:15:00.1234567Z", "2024-02-29"]
+            ),
+            errors=("PropertyConflict",) * (i % 3 == 0),
+            licenses=rng.choice(
+                [
+                    None,
+                    [],
+                    [{"skuId": tenant_data.EMS_SKU.upper(), "disabledPlans": [tenant_data.TEAMS_PLAN]}],
+                    [{"skuId": "{" + tenant_data.INTUNE_A_SKU + "}", "disabledPlans": None}],
+                ]
+            ),
+            license_states=rng.choice(
+                [
+                    [],
+                    [tenant_data.license_state(tenant_data.EMS_SKU, group=tenant_data.INTUNE_USERS_GROUP)],
+                    [tenant_data.license_state(tenant_data.EMS_SKU, updated="2024-03-01T09:00:00+01:00")],
+                    [tenant_data.license_state(tenant_data.EMS_SKU, group="", updated="")],
+                ]
+            ),
+            usage_location=rng.choice(["DE", None]),
+            enabled=rng.choice([True, False]),
+        )
+        if i % 11 == 0:
+            user["id"] = user["id"].upper()
+        if i % 13 == 0:
+            user["id"] = "{" + user["id"] + "}"
+        if i % 17 == 0:
+            del user["accountEnabled"]
+            user["onPremisesSecurityIdentifier"] = " s-1-5-21-1-2-3-4 "
+        if i % 19 == 0:
+            user["onPremisesProvisioningErrors"] = [{"category": None}, {}]
+            user["licenseAssignmentStates"] = None
+        users.append(user)
+    return users
+
+
+def test_graph_pages_convert_to_the_users_parse_user_makes() -> None:
+    users = _odd_users()
+    builder = EntraTableBuilder()
+    for start in range(0, len(users), 70):
+        builder.add_columns(user_columns(users[start : start + 70]))
+    bulk = builder.build()
+    one_by_one = EntraTable.from_records([parse_user(u) for u in users])
+    assert [bulk.record(row) for row in range(bulk.n)] == [one_by_one.record(r) for r in range(one_by_one.n)]
+    for name, value in one_by_one.columns().items():
+        other = bulk.column(name)
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(value, other, equal_nan=value.dtype.kind == "f"), name
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"accountEnabled": "yes"}, "accountEnabled"),
+        ({"onPremisesSecurityIdentifier": "not-a-sid"}, "onPremisesSecurityIdentifier"),
+        ({"createdDateTime": "2024-13-01T00:00:00Z"}, "createdDateTime is not a time"),
+        ({"assignedLicenses": [{"skuId": "not-a-guid"}]}, "skuId"),
+        ({"assignedLicenses": [{"skuId": tenant_data.EMS_SKU, "disabledPlans": ["x"]}]}, "disabledPlans"),
+        (
+            {"licenseAssignmentStates": [{"skuId": tenant_data.EMS_SKU, "assignedByGroup": "group?"}]},
+            "assignedByGroup",
+        ),
+        ({"id": "7af027bc-08d6-4f57-9a71-144896c8da1z"}, "id is not a GUID"),
+        ({"id": None}, "without id"),
+    ],
+)
+def test_graph_users_of_a_wrong_shape_fail_as_parse_user_fails(change: dict[str, Any], message: str) -> None:
+    broken = {**tenant_data.graph_user(3), **change}
+    with pytest.raises(ShapeError, match=message) as exact:
+        parse_user(broken)
+    with pytest.raises(ShapeError) as bulk:
+        user_columns([tenant_data.graph_user(1), broken])
+    assert str(bulk.value) == str(exact.value)
+
+
+def test_iso_times_in_bulk_equal_epoch_seconds() -> None:
+    values: list[str | None] = [
+        "2024-03-01T08:15:00Z",
+        "1999-12-31T23:59:59Z",
+        "2024-02-30T00:00:00Z",
+        "2024-03-01 08:15:00Z",
+        "2024-03-01T08:15:00+00:00",
+        None,
+        "",
+    ]
+    bulk = iso_times(values).tolist()
+    assert bulk[:2] == [epoch_seconds(v) for v in values[:2]]
+    assert all(v != v for v in bulk[2:])  # left to the exact parser
