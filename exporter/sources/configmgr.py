@@ -562,19 +562,19 @@ _NO_GUID = bytes(16)
 class MaskedMembers(Mapping[int, tuple[str, ...]]):
     """Memberships kept as one bit mask per record, read as the collections' names."""
 
-    def __init__(self, masks: Mapping[int, int], collection_ids: tuple[str, ...]) -> None:
-        self._masks = masks
-        self._ids = collection_ids
+    def __init__(self, masks: dict[int, int], collection_ids: tuple[str, ...]) -> None:
+        self.masks = masks
+        self.names = collection_ids  # bit i is names[i]
 
     def __getitem__(self, resource_id: int) -> tuple[str, ...]:
-        mask = self._masks[resource_id]
-        return tuple(name for bit, name in enumerate(self._ids) if mask >> bit & 1)
+        mask = self.masks[resource_id]
+        return tuple(sorted(name for bit, name in enumerate(self.names) if mask >> bit & 1))
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._masks)
+        return iter(self.masks)
 
     def __len__(self) -> int:
-        return len(self._masks)
+        return len(self.masks)
 
 
 class UserColumns:
@@ -589,13 +589,19 @@ class UserColumns:
 
     def __init__(self, collection_ids: Sequence[str], members: Members) -> None:
         self.collection_ids = [c.upper() for c in collection_ids][: CmTableBuilder.MAX_COLLECTIONS]
-        bits = {name: 1 << position for position, name in enumerate(self.collection_ids)}
-        # One int per member instead of a tuple of names: the caller can drop ``members``.
-        self._masks = {
-            resource_id: sum(bits.get(name.upper(), 0) for name in set(names))
-            for resource_id, names in members.items()
-        }
-        self.members: Members = MaskedMembers(self._masks, tuple(self.collection_ids))
+        known = tuple(self.collection_ids)
+        if isinstance(members, MaskedMembers) and members.names[: len(known)] == known:
+            # Read as masks in the same bit order: only bits of other names (not expected) go.
+            keep = (1 << len(known)) - 1
+            same = len(members.names) == len(known)
+            self._masks = members.masks if same else {r: m & keep for r, m in members.masks.items()}
+        else:
+            bits = {name: 1 << position for position, name in enumerate(known)}
+            self._masks = {
+                resource_id: sum(bits.get(name.upper(), 0) for name in set(names))
+                for resource_id, names in members.items()
+            }
+        self.members: Members = MaskedMembers(self._masks, known)
         self._parts: list[dict[str, Any]] = []
         self.rows = 0
 
@@ -1432,22 +1438,42 @@ class ConfigMgrSource:
             cursor = session.execute(
                 members_of_sql(len(ids), len(chunk)), (*ids, *chunk), "reading v_FullCollectionMembership"
             )
-            members.update(self._collect_members(session, cursor))
+            found = self._collect_members(session, cursor)
+            members.update((resource_id, found[resource_id]) for resource_id in found)
         return members
 
-    def _collect_members(self, session: Session, cursor: Any) -> Members:
+    def _collect_members(self, session: Session, cursor: Any) -> MaskedMembers:
+        """ResourceID -> bit mask of its collections (bit i: the i-th configured collection).
+
+        One int per member, not a set or tuple of names: at 500,000 members those are a million
+        container objects for the garbage collector to walk while the read runs.
+        """
         index = column_index(cursor.description, MEMBER_COLUMNS, "v_FullCollectionMembership")
-        members: dict[int, set[str]] = {}
+        names = list(self._collection_ids)
+        bits = {name: 1 << position for position, name in enumerate(names)}
+
+        def bit_of(name: str) -> int:
+            # The query selects the configured collections; any other name (not expected) gets a bit
+            # of its own, so that nothing read is lost.
+            bit = bits.get(name)
+            if bit is None:
+                bit = bits[name] = 1 << len(names)
+                names.append(name)
+            return bit
+
+        masks: dict[int, int] = {}
+        get = masks.get
         skipped = 0
         for batch in session.batches(cursor):
             columns = list(zip(*batch, strict=True))
             resource_ids, collections = columns[index["ResourceID"]], columns[index["CollectionID"]]
             if all(r.__class__ is int for r in resource_ids) and all(c.__class__ is str for c in collections):
                 # The usual case, without a conversion per row: a few collection ids, integer ids.
-                names = {c: c.strip().upper() for c in set(collections)}
+                batch_bits = {c: bit_of(c.strip().upper()) for c in set(collections) if c.strip()}
                 for resource_id, collection in zip(resource_ids, collections, strict=True):
-                    if names[collection]:
-                        members.setdefault(resource_id, set()).add(names[collection])
+                    bit = batch_bits.get(collection)
+                    if bit:
+                        masks[resource_id] = get(resource_id, 0) | bit
                     else:
                         skipped += 1
                 continue
@@ -1461,12 +1487,12 @@ class ConfigMgrSource:
                 if resource_id is None or collection is None:
                     skipped += 1
                 else:
-                    members.setdefault(resource_id, set()).add(collection.upper())
+                    masks[resource_id] = get(resource_id, 0) | bit_of(collection.upper())
         if skipped:
             log.warning(
                 "%s: skipped %d membership rows without a usable ResourceID", self.describe(), skipped
             )
-        return {rid: tuple(sorted(names)) for rid, names in members.items()}
+        return MaskedMembers(masks, tuple(names))
 
     def _read_users(self, session: Session, users: UserColumns) -> None:
         """Stream v_R_User into table columns, a fetched batch at a time (no list of records)."""
