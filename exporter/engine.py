@@ -36,6 +36,7 @@ from exporter.pipelines.evaluation import (
 )
 from exporter.snapshot import EstateSnapshot, Snapshot, SourceStatus
 from exporter.sources.base import Source, SourceError, abort_source, http_stats_of
+from exporter.sources.isolated import ChildRefresh, plan, recipe_of
 from exporter.state import EstateState, SavedState, SourceState, StateStore, content_key
 from exporter.tables import Table
 
@@ -373,10 +374,14 @@ class Engine:
         previous = self._previous_for(estate, source.kind)
         started = time.monotonic()
         deadline = started + timeout
+        child = self._child_refresh(source, previous)
 
         def work() -> None:
             try:
-                outcome["data"] = source.refresh(previous, deadline)
+                if child is not None:
+                    outcome["data"] = child[0].run(previous, child[1], deadline)
+                else:
+                    outcome["data"] = source.refresh(previous, deadline)
             except BaseException as exc:
                 outcome["error"] = exc
 
@@ -386,6 +391,8 @@ class Engine:
         worker.join(timeout)
         if worker.is_alive():
             abort_source(source)
+            if child is not None:
+                child[0].abort()
             worker.join(_ABORT_GRACE)
             message = f"refresh did not finish within {timeout:g}s (aborted)"
             if isinstance(outcome.get("error"), SourceError):
@@ -397,6 +404,21 @@ class Engine:
             self._record_failure(estate, source, self._as_source_error(outcome["error"], source), duration)
         else:
             self._record_success(estate, source, outcome["data"], duration)  # type: ignore[arg-type]
+
+    def _child_refresh(
+        self, source: Source, previous: SourceData | None
+    ) -> tuple[ChildRefresh, SourceData | None] | None:
+        """A child process for this refresh (and what it gets of ``previous``), or None to refresh in
+        this process: sources built from the config that read a whole table decode it in a child, so
+        that scrapes never wait behind the decoding and the sources use both cores
+        (exporter.sources.isolated)."""
+        recipe = recipe_of(source)
+        if recipe is None:
+            return None
+        in_child, child_previous = plan(source, previous)
+        if not in_child:
+            return None
+        return ChildRefresh(source, recipe, self._stop), child_previous
 
     def _as_source_error(self, error: object, source: Source) -> SourceError:
         assert isinstance(error, BaseException)

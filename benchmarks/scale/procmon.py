@@ -1,9 +1,14 @@
 """Watching processes from the outside: CPU seconds and memory from /proc, state file writes.
 
-A sampler thread records, every ``interval`` seconds, the exporter's CPU time (utime + stime of
-the process only: the servers it talks to run in processes of their own) and its VmRSS/VmHWM, the
-CPU time of the backend servers, and the state file's modification time and size. Everything is
-kept as a timeline so that figures can be taken for any window afterwards.
+A sampler thread records, every ``interval`` seconds, the exporter's CPU time and its VmRSS/VmHWM,
+the CPU time of the backend servers, and the state file's modification time and size. Everything
+is kept as a timeline so that figures can be taken for any window afterwards.
+
+The exporter runs its full reads in child processes (forked from a forkserver it starts), so its
+CPU time is that of its whole process tree: utime + stime of every live descendant plus the
+cutime + cstime of each (the children it has reaped). Memory is given both for the exporter
+process alone (VmRSS, VmHWM) and for the tree (the sum of VmRSS, which counts pages the forked
+children share with the forkserver once per process: an upper bound).
 """
 
 from __future__ import annotations
@@ -20,14 +25,53 @@ from pathlib import Path
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of one process (not its children), or None once it is gone."""
+def _stat_fields(pid: int) -> list[str] | None:
     try:
         data = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = data[data.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return data[data.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of one process (not its children), or None once it is gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None:
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        children = parents.get(pending.pop(), [])
+        found.extend(children)
+        pending.extend(children)
+    return found
+
+
+def tree_usage(pid: int) -> tuple[float, int] | None:
+    """(CPU seconds, sum of VmRSS KiB) of a process and its descendants, reaped ones included in
+    the CPU (cutime + cstime of their parents); None once ``pid`` is gone."""
+    cpu = 0.0
+    rss = 0
+    for member in (pid, *descendants(pid)):
+        fields = _stat_fields(member)
+        if fields is None:
+            if member == pid:
+                return None
+            continue
+        cpu += sum(int(fields[i]) for i in (11, 12, 13, 14)) / CLOCK_TICKS
+        memory = memory_kib(member)
+        rss += memory[0] if memory is not None else 0
+    return cpu, rss
 
 
 def memory_kib(pid: int) -> tuple[int, int] | None:
@@ -59,9 +103,11 @@ def state_size(state_file: Path) -> int:
 @dataclass
 class Sample:
     t: float  # wall clock (time.time(), comparable with the exporter's timestamps)
-    cpu: float
-    rss_kib: int
+    cpu: float  # the exporter's process tree (its refresh children included)
+    rss_kib: int  # the exporter process alone
     hwm_kib: int
+    tree_rss_kib: int = 0  # the exporter and its children
+    own_cpu: float = 0.0  # the exporter process alone
     others_cpu: dict[str, float] = field(default_factory=dict)
 
 
@@ -116,16 +162,17 @@ class Sampler:
 
     def sample_once(self) -> None:
         now = time.time()
-        cpu = cpu_seconds(self.pid)
+        own = cpu_seconds(self.pid)
         memory = memory_kib(self.pid)
-        if cpu is not None and memory is not None:
+        tree = tree_usage(self.pid)
+        if own is not None and memory is not None and tree is not None:
             others = {}
             for name, pid_of in self.others.items():
                 pid = pid_of()
                 value = cpu_seconds(pid) if pid else None
                 if value is not None:
                     others[name] = value
-            self.samples.append(Sample(now, cpu, memory[0], memory[1], others))
+            self.samples.append(Sample(now, tree[0], memory[0], memory[1], tree[1], own, others))
         stat = self._stat()
         if stat is not None and (self._last_stat is None or stat[0] != self._last_stat[0]):
             self.file_changes.append(FileChange(now, stat[0], stat[1]))
@@ -167,6 +214,14 @@ class Sampler:
     def peak_rss_mib(self, start: float = 0.0, end: float = float("inf")) -> float:
         inside = [s.rss_kib for s in self.samples if start <= s.t <= end]
         return max(inside, default=0) / 1024
+
+    def peak_tree_rss_mib(self, start: float = 0.0, end: float = float("inf")) -> float:
+        inside = [s.tree_rss_kib for s in self.samples if start <= s.t <= end]
+        return max(inside, default=0) / 1024
+
+    def own_cpu_at(self, t: float) -> float:
+        """CPU seconds of the exporter process alone (without its refresh children)."""
+        return self._interpolate(t, lambda s: s.own_cpu)
 
     def hwm_mib(self) -> float:
         return max((s.hwm_kib for s in self.samples), default=0) / 1024

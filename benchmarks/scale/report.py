@@ -90,8 +90,9 @@ def _refresh_lines(title: str, figures: dict[str, Any]) -> list[str]:
     return [
         f"{title}:",
         f"  per source (exporter's refresh_duration): {durations}",
-        f"  wall (first start .. last end) {figures['wall']:.1f}s, exporter CPU {figures['cpu']:.1f}s, "
-        f"peak RSS {figures['peak_rss_mib']:.0f} MiB",
+        f"  wall (first start .. last end) {figures['wall']:.1f}s, exporter CPU {figures['cpu']:.1f}s "
+        f"(serving process {figures.get('own_cpu', 0.0):.1f}s), peak RSS {figures['peak_rss_mib']:.0f} MiB "
+        f"(with refresh children {figures.get('peak_tree_rss_mib', 0.0):.0f} MiB)",
         f"  Graph requests: {requests.get('users', 0)} users pages, "
         f"{sum(requests.values())} in all ({', '.join(f'{k} {v}' for k, v in requests.items() if v)})",
         f"  AD: {figures['ad_entries']} entries returned by {figures['ad_searches']} searches (slapd log)",
@@ -136,7 +137,8 @@ def render(results: Results) -> list[str]:
         lines.append(
             f"state file: {main['state_file_mib']:.1f} MiB; writes (refresh end .. rename): "
             f"{', '.join(f'{d:.1f}s' for d in main['state_writes']) or '-'}; "
-            f"exporter peak RSS (VmHWM) {main['peak_rss_mib']:.0f} MiB"
+            f"exporter peak RSS (VmHWM) {main['peak_rss_mib']:.0f} MiB, "
+            f"with its refresh children {main.get('peak_tree_rss_mib', 0.0):.0f} MiB (sum of VmRSS, sampled)"
         )
     if "sigterm_idle" in phases:
         lines.append(f"SIGTERM to exit (idle): {_seconds(phases['sigterm_idle']['seconds'])}")
@@ -299,7 +301,8 @@ _ROWS: tuple[tuple[str, Any], ...] = (
     ("first full refresh: AD", _at("phases", "first_refresh", "durations", "ad")),
     ("first full refresh: Entra users", _at("phases", "first_refresh", "durations", "entra")),
     ("first full refresh: ConfigMgr", _at("phases", "first_refresh", "durations", "configmgr")),
-    ("exporter CPU, first full refresh", _at("phases", "first_refresh", "cpu")),
+    ("exporter CPU, first full refresh (children included)", _at("phases", "first_refresh", "cpu")),
+    ("… of which the serving process", _at("phases", "first_refresh", "own_cpu")),
     ("decoding floor (ldap3 + json + pyodbc) CPU", _at("floor", "total_cpu")),
     ("AD alone: CPU to ready", _at("solo", "ad", "cpu_to_ready")),
     ("Entra alone: CPU to ready", _at("solo", "entra", "cpu_to_ready")),
@@ -312,6 +315,10 @@ _ROWS: tuple[tuple[str, Any], ...] = (
     ("refresh after 1% change: exporter CPU", _at("phases", "second_refresh", "cpu")),
     ("RSS at first ready", _at("phases", "first_refresh", "rss_at_ready_mib", unit=" MiB", digits=0)),
     ("peak RSS (VmHWM), first process", _at("phases", "main_process", "peak_rss_mib", unit=" MiB", digits=0)),
+    (
+        "peak RSS, exporter + refresh children (sum, sampled)",
+        _at("phases", "main_process", "peak_tree_rss_mib", unit=" MiB", digits=0),
+    ),
     ("state file size", _at("phases", "main_process", "state_file_mib", unit=" MiB")),
     ("longest state write", _longest_write),
     (

@@ -253,12 +253,14 @@ class ScraperProcess:
 @dataclass
 class RefreshFigures:
     durations: dict[str, float]  # source -> seconds (the exporter's own figure)
-    cpu: float  # exporter CPU seconds over the refresh window
+    cpu: float  # exporter CPU seconds over the refresh window (its refresh children included)
     wall: float  # first refresh start to last refresh end
     graph_requests: dict[str, int]
     ad_searches: int
     ad_entries: int
-    peak_rss_mib: float
+    peak_rss_mib: float  # the exporter process
+    peak_tree_rss_mib: float = 0.0  # the exporter and its refresh children (sum of VmRSS)
+    own_cpu: float = 0.0  # the exporter process alone
 
 
 @dataclass
@@ -411,7 +413,9 @@ class Driver:
             results.phases["first_refresh"] = {
                 **vars(first),
                 "cpu_to_ready": sampler.cpu_at(t_ready),
+                "own_cpu_to_ready": sampler.own_cpu_at(t_ready),
                 "rss_at_ready_mib": sampler.peak_rss_mib(t_ready - 0.5, t_ready + 0.5),
+                "tree_rss_at_ready_mib": sampler.peak_tree_rss_mib(t_ready - 0.5, t_ready + 0.5),
             }
             last_end = max((s.last_success for s in poller.latest().values()), default=t_ready)
             self._wait_for_state_write(sampler, last_end)
@@ -445,6 +449,7 @@ class Driver:
         }
         results.phases["main_process"] = {
             "peak_rss_mib": sampler.hwm_mib(),
+            "peak_tree_rss_mib": sampler.peak_tree_rss_mib(),
             "cpu_total": sampler.last_cpu(),
             "state_file_mib": state_size(self.state_file) / 2**20 if self.state_file.exists() else 0.0,
             "state_writes": self._write_durations(sampler, poller),
@@ -549,6 +554,8 @@ class Driver:
             ad_searches=searches,
             ad_entries=entries,
             peak_rss_mib=sampler.peak_rss_mib(start, end),
+            peak_tree_rss_mib=sampler.peak_tree_rss_mib(start, end),
+            own_cpu=sampler.own_cpu_at(end) - sampler.own_cpu_at(start),
         )
 
     def _wait_for_state_write(
@@ -664,6 +671,7 @@ class Driver:
             "ready_seconds": t_ready - t0,
             "cpu_to_ready": sampler.cpu_at(t_ready),
             "peak_rss_mib": sampler.hwm_mib(),
+            "peak_tree_rss_mib": sampler.peak_tree_rss_mib(),
         }
         for kind in SOURCE_KINDS[source]:
             if kind in sources:

@@ -22,6 +22,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import ldap3
 from ldap3.core import exceptions as ldap_errors
@@ -349,6 +350,14 @@ class ActiveDirectorySource:
         if why != self._no_incremental_logged:
             self._no_incremental_logged = why
             log.info("Active Directory %s: every refresh is a full read: %s", self.endpoint, why)
+
+    # -- between refreshes (a refresh may run in a child process: exporter.sources.isolated) ----
+    def carry_over(self) -> dict[str, Any]:
+        return {"netbios": self._netbios_domain, "no_incremental": self._no_incremental_logged}
+
+    def take_over(self, memory: dict[str, Any]) -> None:
+        self._netbios_domain = memory.get("netbios") or self._netbios_domain
+        self._no_incremental_logged = str(memory.get("no_incremental") or "")
 
     def _netbios(self, session: LdapSession, root: RootDse) -> str:
         if self._netbios_domain:

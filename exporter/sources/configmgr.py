@@ -1341,12 +1341,46 @@ class ConfigMgrSource:
                 return self._with_components(previous, self._read_components(session))
             self.last_change_check = "changed"
         table = self._read_everything(session, fingerprint)
-        if previous is not None and comparable and same_content(previous, table):
-            if previous.meta.get("fingerprint") == table.meta.get("fingerprint"):
-                return previous
-            # The same records, a new fingerprint to compare the next refresh with.
-            return previous.derive(previous.columns(), meta={**previous.meta, **table.meta}).prepare()
-        return table.prepare()
+        settled = self.settle(previous, table)
+        assert isinstance(settled, CmTable)
+        return settled.prepare()
+
+    # -- a refresh in a child process (exporter.sources.isolated) ------------------------------
+    def child_refresh(self, previous: SourceData | None) -> tuple[bool, SourceData | None]:
+        """Always in a child: a change means a full read. It is given an empty table with the held
+        table's meta (what the change check compares); :meth:`settle` compares the records."""
+        if not isinstance(previous, CmTable):
+            return True, None
+        return True, CmTable.empty(meta=previous.meta)
+
+    def settle(self, previous: SourceData | None, result: SourceData) -> SourceData:
+        """``previous`` itself when a full read found the same records, memberships and components
+        (with the new fingerprint when only that changed), else the new table."""
+        if not isinstance(previous, CmTable) or not isinstance(result, CmTable) or result is previous:
+            return result
+        comparable = list(previous.collection_ids) == list(self._collection_ids)
+        if result.meta.get("read") != "full" or not comparable or not same_content(previous, result):
+            return result
+        if previous.meta.get("fingerprint") == result.meta.get("fingerprint"):
+            return previous
+        # The same records, a new fingerprint to compare the next refresh with.
+        return previous.derive(previous.columns(), meta={**previous.meta, **result.meta})
+
+    def carry_over(self) -> dict[str, Any]:
+        return {
+            "warned": set(self._warned),
+            "skipped": self.last_skipped_rows,
+            "clipped": self.last_clipped_values,
+            "fetched": self.last_rows_fetched,
+            "change_check": self.last_change_check,
+        }
+
+    def take_over(self, memory: dict[str, Any]) -> None:
+        self._warned |= set(memory.get("warned") or ())
+        self.last_skipped_rows = int(memory.get("skipped") or 0)
+        self.last_clipped_values = int(memory.get("clipped") or 0)
+        self.last_rows_fetched = int(memory.get("fetched") or 0)
+        self.last_change_check = memory.get("change_check")
 
     def _with_components(self, previous: CmTable, components: tuple[CmComponent, ...]) -> CmTable:
         if components == previous.components:

@@ -38,6 +38,11 @@ class IntuneDevicesSource(GraphSource):
         table.meta["read"] = "full"
         return table.prepare()
 
+    def child_refresh(self, previous: SourceData | None) -> tuple[bool, SourceData | None]:
+        """Every refresh reads every device: in a child process, without the previous table
+        (exporter.sources.isolated)."""
+        return True, None
+
     def devices_url(self, filter_expression: str | None = None) -> str:
         query: dict[str, Any] = {"$select": ",".join(DEVICE_PROPERTIES), "$top": DEVICE_PAGE_SIZE}
         if filter_expression is not None:

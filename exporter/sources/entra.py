@@ -138,6 +138,16 @@ class EntraUsersSource(GraphSource):
             table = self._name_groups(table, budget)
         return table.prepare()
 
+    def carry_over(self) -> dict[str, Any]:
+        """What a refresh in a child process must remember (exporter.sources.isolated): the group
+        names and a refused permission to read them."""
+        return {"groups": self._groups}
+
+    def take_over(self, memory: dict[str, Any]) -> None:
+        groups = memory.get("groups")
+        if isinstance(groups, GroupNames):
+            self._groups = groups
+
     def _read(self, held: EntraTable | None, budget: RetryBudget) -> EntraTable:
         if held is not None:
             reason = self._delta_unusable(held)

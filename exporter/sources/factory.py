@@ -5,7 +5,13 @@ from __future__ import annotations
 import logging
 
 from exporter.config import EstateConfig
+from exporter.model import SourceKind
 from exporter.sources.base import ConfigurationError, Source
+from exporter.sources.isolated import Recipe, remove_stale_scratch
+
+# Sources whose refreshes may run in a child process (exporter.sources.isolated): those that read
+# a whole table. The organization source reads three small documents.
+ISOLATED_KINDS: frozenset[SourceKind] = frozenset({"ad", "entra", "configmgr", "intune_devices"})
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +27,30 @@ def reads_devices(estate: EstateConfig) -> bool:
 
 
 def build_estate_sources(estate: EstateConfig) -> list[Source]:
+    """The source clients of an estate. Those that read a whole table carry the recipe the engine
+    needs to run their refreshes in a child process (``isolation_recipe``)."""
+    sources = _build(estate)
+    remove_stale_scratch()
+    for source in sources:
+        if source.kind in ISOLATED_KINDS:
+            source.isolation_recipe = Recipe(estate, source.kind)  # type: ignore[attr-defined]
+    return sources
+
+
+def build_source(estate: EstateConfig, kind: SourceKind) -> Source:
+    """The one source of ``kind`` of an estate (what a refresh child builds), the others closed."""
+    found: Source | None = None
+    for source in _build(estate, preflight=False):
+        if source.kind == kind and found is None:
+            found = source
+        else:
+            source.close()
+    if found is None:
+        raise ConfigurationError(f"estate {estate.name} has no {kind} source")
+    return found
+
+
+def _build(estate: EstateConfig, *, preflight: bool = True) -> list[Source]:
     # Each client module is imported only when its section is configured, so an estate without
     # ConfigMgr never touches pyodbc and one without AD never imports ldap3.
     sources: list[Source] = []
@@ -45,7 +75,8 @@ def build_estate_sources(estate: EstateConfig) -> list[Source]:
 
         configmgr = ConfigMgrSource(estate.configmgr)
         try:
-            configmgr.preflight()
+            if preflight:
+                configmgr.preflight()
         except ConfigurationError as exc:
             # Said loudly at start, but not fatal: the other sources and estates keep working and
             # every refresh of this one fails with reason "other" until the driver is installed.

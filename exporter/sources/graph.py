@@ -635,6 +635,24 @@ class GraphClient:
             elif response.status_code < 300:
                 self._stats.throttle_limit_percentage.pop(endpoint, None)
 
+    def absorb(self, other: HttpStats) -> None:
+        """Add what a refresh run in a child process counted (exporter.sources.isolated): counts add
+        up; an endpoint's throttle percentage is the child's latest (dropped when the child got a
+        successful answer without one, as :meth:`_observe` does)."""
+        with self._stats_lock:
+            stats = self._stats
+            for key, count in other.requests.items():
+                stats.requests[key] = stats.requests.get(key, 0) + count
+            stats.throttled += other.throttled
+            stats.retry_wait_seconds += other.retry_wait_seconds
+            stats.token_requests += other.token_requests
+            for endpoint, units in other.resource_units.items():
+                stats.resource_units[endpoint] = stats.resource_units.get(endpoint, 0.0) + units
+            answered = {endpoint for endpoint, code in other.requests if code.startswith("2")}
+            for endpoint in answered - set(other.throttle_limit_percentage):
+                stats.throttle_limit_percentage.pop(endpoint, None)
+            stats.throttle_limit_percentage.update(other.throttle_limit_percentage)
+
     def _count_token_http(self, code: str, token_request: bool) -> None:
         with self._stats_lock:
             key: tuple[str, str] = ("token", code)
