@@ -20,6 +20,7 @@ from exporter.config import Config, ConfigError, load_config
 from exporter.engine import Engine
 from exporter.httpserver import ExporterHTTPServer, parse_listen_address, serve_forever_in_thread
 from exporter.logs import LEVELS, setup_logging
+from exporter.memory import keep_large_blocks_mapped
 from exporter.secrets import SecretMask
 from exporter.sources.base import ConfigurationError, Source
 from exporter.state import StateStore
@@ -202,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # What exists now (modules, config, clients) lives as long as the process: keep it out of every
     # garbage collection, so a full collection during a refresh stays short.
     gc.freeze()
+    keep_large_blocks_mapped()
     # Serve first: /-/healthy answers at once and /-/ready says 503 while a large state file is read.
     serve_forever_in_thread(server)
     engine.start()

@@ -29,6 +29,7 @@ HTML = "text/html; charset=utf-8"
 JSON = "application/json"
 TITLE = "intune-provisioning-exporter"
 RENDERING_MAX_AGE = 1.0  # seconds a /metrics rendering is reused while the snapshot is unchanged
+RENDERING_STALE_FOR = 10.0  # ... and served while a fresh one renders in the background
 
 
 def build_app(registry: CollectorRegistry, snapshot: Callable[[], Snapshot], user_label: str) -> App:
@@ -44,7 +45,7 @@ def build_app(registry: CollectorRegistry, snapshot: Callable[[], Snapshot], use
             rendering = renderings.get((content_type, compress))
             if rendering is None:
                 render = partial(_exposition, encoder, registry, compress)
-                rendering = SharedRendering(render, snapshot, RENDERING_MAX_AGE)
+                rendering = SharedRendering(render, snapshot, RENDERING_MAX_AGE, RENDERING_STALE_FOR)
                 renderings[(content_type, compress)] = rendering
         body = rendering.get()
         return Response(200, body, content_type, {"Content-Encoding": "gzip"} if compress else {})
@@ -113,15 +114,23 @@ class SharedRendering:
     Rendering costs a few milliseconds of pure-Python CPU under the GIL; twenty scrapers arriving
     together would otherwise queue behind twenty renderings. The exporter's own metrics are a
     function of the snapshot, so a new snapshot is rendered at once; only the process and runtime
-    metrics (CPU seconds, memory, GC counts) can be up to ``max_age`` old.
+    metrics (CPU seconds, memory, GC counts) can be older. Between ``max_age`` and ``stale_for``
+    seconds a rendering of the same snapshot is still served, at once, while a fresh one renders in
+    the background for the next request: scrapers that arrive often never wait for a rendering,
+    and those metrics are at most ``stale_for`` seconds old.
     """
 
     def __init__(
-        self, render: Callable[[], bytes], version: Callable[[], object] = object, max_age: float = 0.0
+        self,
+        render: Callable[[], bytes],
+        version: Callable[[], object] = object,
+        max_age: float = 0.0,
+        stale_for: float = 0.0,
     ) -> None:
         self._render = render
         self._version = version
         self._max_age = max_age
+        self._stale_for = max(stale_for, max_age)
         self._lock = threading.Lock()
         self._current: Future[bytes] | None = None
         self._last: tuple[object, float, bytes] | None = None  # (snapshot, started at, body)
@@ -129,17 +138,35 @@ class SharedRendering:
     def get(self) -> bytes:
         version = self._version()
         with self._lock:
-            if self._last is not None:
-                last_version, started, body = self._last
-                if last_version is version and time.monotonic() - started < self._max_age:
+            kept = self._kept(version)
+            if kept is not None:
+                body, fresh = kept
+                if fresh or self._current is not None:
                     return body
-            current = self._current
-            leader = current is None
-            if current is None:
-                current = self._current = Future()
+                # Served as it is; the next request gets the rendering started here.
+                behind: Future[bytes] = Future()
+                self._current = behind
+            else:
+                leader = self._current is None
+                if self._current is None:
+                    self._current = Future()
+                current: Future[bytes] = self._current
+        if kept is not None:
+            threading.Thread(target=self._lead, args=(behind, version), name="render", daemon=True).start()
+            return kept[0]
         if leader:
             self._lead(current, version)
         return current.result()
+
+    def _kept(self, version: object) -> tuple[bytes, bool] | None:
+        """(the last rendering, whether it is fresh) when it may be served for ``version``."""
+        if self._last is None:
+            return None
+        last_version, started, body = self._last
+        age = time.monotonic() - started
+        if last_version is not version or age >= self._stale_for:
+            return None
+        return body, age < self._max_age
 
     def _lead(self, current: Future[bytes], version: object) -> None:
         started = time.monotonic()

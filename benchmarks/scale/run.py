@@ -446,6 +446,10 @@ class Driver:
             "refreshes": poller.refresh_windows(),
             "state_writes": writes,
             "state_file_changes": [(c.t, c.size) for c in sampler.file_changes],
+            # (time, exporter RSS MiB, with refresh children MiB), one a second: where the peaks are
+            "rss_mib": [
+                (s.t, round(s.rss_kib / 1024), round(s.tree_rss_kib / 1024)) for s in sampler.samples[::10]
+            ],
         }
         results.phases["main_process"] = {
             "peak_rss_mib": sampler.hwm_mib(),

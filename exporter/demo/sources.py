@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 from exporter.demo.common import SimulatedEstate
@@ -17,6 +18,12 @@ READERS: dict[SourceKind, str] = {
 }
 GRAPH_KINDS: frozenset[SourceKind] = frozenset({"entra", "entra_organization", "intune_devices"})
 
+# A simulated read is pure-Python CPU work in the serving process (a real source waits on its
+# backend, or decodes in a child process). Every source of every demo estate refreshes at the same
+# moment; a dozen such threads sharing the GIL with the scrapes' threads would delay each scrape by
+# a dozen turns per hand-over (200 ms and more), one at a time they delay it by one.
+_SIMULATION = threading.Lock()
+
 
 class DemoSource:
     """A Source reading one simulated estate; every read shows the estate at the clock's time."""
@@ -30,7 +37,8 @@ class DemoSource:
         return f"demo {self.kind} of {self.estate.domain}"
 
     def refresh(self, previous: SourceData | None, deadline: float | None = None) -> SourceData:
-        return self._read()  # always a full read: the simulation has nothing to be incremental about
+        with _SIMULATION:
+            return self._read()  # always a full read: the simulation has nothing to be incremental about
 
     def close(self) -> None:
         return None

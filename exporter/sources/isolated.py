@@ -68,6 +68,7 @@ _PRELOAD = [
 ]
 _SCRATCH_PREFIX = "ipx-refresh-"
 _KILL_WAIT = 2.0  # seconds to wait for a killed child to be gone
+CHILD_NICENESS = 10  # scheduler weight ~1/10 of the serving process's
 
 
 @dataclass(frozen=True)
@@ -366,6 +367,9 @@ def child_main(
 ) -> None:
     """The child process: build the source, refresh, hand the result over (see the module doc)."""
     _end_with_exporter(exporter_pid)
+    with contextlib.suppress(OSError):
+        # A refresh is batch work: when both compete for a core, the serving process comes first.
+        os.nice(CHILD_NICENESS)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
