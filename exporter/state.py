@@ -27,6 +27,7 @@ import secrets
 import struct
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -293,10 +294,11 @@ class StateStore:
         self.path = Path(path)
         self.directory = self.path.with_name(self.path.name + ".d")
         self._lock = threading.Lock()
-        # content key of a table -> (the table, the file it was written to or restored from). A
-        # table whose columns did not change (only its meta, e.g. a new delta link) is not written
-        # again; its meta goes into the manifest.
-        self._written: dict[tuple[int, ...], tuple[Table, str]] = {}
+        # content key of a table -> (its columns, weakly; the file it was written to or restored
+        # from). A table whose columns did not change (only its meta, e.g. a new delta link) is not
+        # written again; its meta goes into the manifest. Weakly: holding the written tables would
+        # keep a 500,000-user estate's previous tables alive until the next write (hundreds of MiB).
+        self._written: dict[tuple[int, ...], _Written] = {}
 
     # ------------------------------------------------------------------ load
     def load(self, *, cleanup: bool = True) -> SavedState:
@@ -395,7 +397,7 @@ class StateStore:
 
     def _remember(self, table: Table, name: str) -> None:
         with self._lock:
-            self._written[content_key(table)] = (table, name)
+            self._written[content_key(table)] = _Written.of(table, name)
 
     # ------------------------------------------------------------------ save
     def save(
@@ -406,7 +408,7 @@ class StateStore:
         with contextlib.suppress(OSError):
             os.chmod(self.directory, 0o700)
         estates: dict[str, Any] = {}
-        keep: dict[tuple[int, ...], tuple[Table, str]] = {}
+        keep: dict[tuple[int, ...], _Written] = {}
         for name, estate in state.estates.items():
             entry: dict[str, Any] = {"pipeline": estate.pipeline, "sources": {}}
             for kind, source in estate.sources.items():
@@ -452,7 +454,7 @@ class StateStore:
                 tmp.unlink()
         with self._lock:
             self._written = keep
-        self._remove_files_except({name for _, name in keep.values()})
+        self._remove_files_except({written.name for written in keep.values()})
         return True
 
     def _write(
@@ -460,21 +462,21 @@ class StateStore:
         estate: str,
         kind: str,
         table: Table,
-        keep: dict[tuple[int, ...], tuple[Table, str]],
+        keep: dict[tuple[int, ...], _Written],
         should_stop: Callable[[], bool],
     ) -> str | None:
         key = content_key(table)
         with self._lock:
             known = self._written.get(key)
-        if known is not None:
+        if known is not None and known.alive():
             keep[key] = known
-            return known[1]
+            return known.name
         name = f"{_slug(estate)}-{kind}-{secrets.token_hex(6)}.tbl"
         started = time.monotonic()
         if not write_table(self.directory / name, table, should_stop):
             return None
         log.debug("wrote %s (%d rows) in %.2fs", name, table.n, time.monotonic() - started)
-        keep[key] = (table, name)
+        keep[key] = _Written.of(table, name)
         return name
 
     # ------------------------------------------------------------------ housekeeping
@@ -503,6 +505,31 @@ class StateStore:
             if file.name not in referenced:
                 with contextlib.suppress(OSError):
                     file.unlink()
+
+
+@dataclass(frozen=True)
+class _Written:
+    """A table file and weak references to the columns written to it. A content key is made of the
+    columns' ids, and an id names one object only while it lives: a key whose columns are all alive
+    is the same content; once one is gone, its id may be another column's and the key proves
+    nothing (the table is written again)."""
+
+    columns: tuple[weakref.ref[Any], ...]
+    name: str
+
+    @classmethod
+    def of(cls, table: Table, name: str) -> _Written:
+        return cls(tuple(weakref.ref(column) for column in _all_columns(table)), name)
+
+    def alive(self) -> bool:
+        return all(column() is not None for column in self.columns)
+
+
+def _all_columns(table: Table) -> list[Any]:
+    columns = list(table.columns().values())
+    for child in table.children.values():
+        columns += _all_columns(child)
+    return columns
 
 
 def content_key(table: Table) -> tuple[int, ...]:

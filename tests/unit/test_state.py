@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import weakref
 
 import numpy as np
 import pytest
@@ -142,6 +144,23 @@ def test_only_changed_tables_are_written_again(tmp_path):
     store.save(state, 4.0)
     after = {p.name for p in store.directory.iterdir()}
     assert len(after) == len(files) and after != set(files)  # the old AD file replaced by a new one
+
+
+def test_the_store_does_not_keep_written_tables_alive(tmp_path):
+    """Only weak references: a 500k estate's replaced tables are freed at once, not at the next write;
+    a table whose columns are gone is written again (their ids may now name other columns)."""
+    state = saved()
+    store = StateStore(tmp_path / "state.json")
+    source = state.estates["contoso"].sources["ad"]
+    columns = [weakref.ref(column) for column in source.data.columns().values()]
+    store.save(state, 1.0)
+    ad_file = {p.name for p in store.directory.iterdir() if "-ad-" in p.name}
+    source.data = ad(ad_user("carl"))  # the engine replaces the table; nothing else holds the old one
+    gc.collect()
+    assert all(column() is None for column in columns)
+    store.save(state, 2.0)
+    assert {p.name for p in store.directory.iterdir() if "-ad-" in p.name}.isdisjoint(ad_file)
+    same_table(source.data, StateStore(tmp_path / "state.json").load().estates["contoso"].sources["ad"].data)
 
 
 def test_interrupted_write_keeps_the_previous_state_and_leaves_no_temp_file(tmp_path):
