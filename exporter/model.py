@@ -923,17 +923,17 @@ def _merge(old: Any, new_rows: Any, changed: set[bytes], guid_column: str) -> An
     Rows keep their order; a table is always compact (no deleted rows left behind).
     """
     new_rows = _last_of_each(new_rows, guid_column)
-    kept = old
+    meta = {**old.meta, **new_rows.meta}
+    drop = np.zeros(0, dtype=np.int64)
     if changed and old.n:
         drop = _rows_with_guids(old, guid_column, np.frombuffer(b"".join(sorted(changed)), dtype="V16"))
-        if len(drop):
-            keep = np.ones(old.n, dtype=np.bool_)
-            keep[drop] = False
-            kept = old.take(np.flatnonzero(keep))
-    meta = {**old.meta, **new_rows.meta}
-    if not new_rows.n:
-        return kept.derive(kept.columns(), kept.children, meta)
-    return type(old).concat([kept, new_rows], meta=meta)
+    if not len(drop):
+        if not new_rows.n:
+            return old.derive(old.columns(), old.children, meta)
+        return type(old).concat([old, new_rows], meta=meta)
+    keep = np.ones(old.n, dtype=np.bool_)
+    keep[drop] = False
+    return old.take_and_append(np.flatnonzero(keep), new_rows, meta)
 
 
 def _rows_with_guids(table: Any, guid_column: str, wanted: Any) -> I64:

@@ -437,3 +437,17 @@ def test_with_changes_on_many_rows_removes_exactly_the_named_guids():
     removed = set(rng.sample(range(500), 120))
     merged = table.with_changes([], [users[i].object_guid for i in sorted(removed)])
     assert _sams(merged) == [f"m{i}" for i in range(500) if i not in removed]
+
+
+def test_take_and_append_equals_take_then_concat_children_included():
+    users = _entra_users()
+    table = entra(*users)
+    other = entra(*users[:2])
+    rows = np.array([len(users) - 1, 1, 3], dtype=np.int64)
+    expected = type(table).concat([table.take(rows), other], meta={"m": 1})
+    merged = table.take_and_append(rows, other, {"m": 1})
+    assert merged.meta == {"m": 1} and merged.n == expected.n == 5
+    assert [merged.record(r) for r in range(merged.n)] == [expected.record(r) for r in range(expected.n)]
+    for name, child in expected.children.items():
+        assert merged.children[name].n == child.n
+        assert list(merged.children[name].array("row")) == list(child.array("row"))
