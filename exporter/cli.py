@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from types import FrameType
 
@@ -22,6 +23,7 @@ from exporter.httpserver import ExporterHTTPServer, parse_listen_address, serve_
 from exporter.logs import LEVELS, setup_logging
 from exporter.memory import keep_large_blocks_mapped
 from exporter.secrets import SecretMask
+from exporter.snapshot import Snapshot
 from exporter.sources.base import ConfigurationError, Source
 from exporter.state import StateStore
 from exporter.webapp import build_app
@@ -147,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     clock = None
     history = None
+    sources: dict[str, list[Source]] | None = None
     if args.demo:
         from exporter.demo import demo_setup
 
@@ -161,12 +164,37 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{args.config_file}: {problem}", file=sys.stderr)
             return EXIT_USAGE
         setup_logging(args.log_level, args.log_format, config.secrets())
+
+    # Serve before the source clients are built (their libraries take a while to import) and before
+    # the state file is read: /-/healthy answers at once, /-/ready says 503 until the engine is ready.
+    engines: list[Engine] = []
+    starting = Snapshot(estates=(), taken_at=time.time(), restoring=True)
+
+    def snapshot() -> Snapshot:
+        return engines[0].snapshot() if engines else starting
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ExporterCollector(snapshot, default_collectors(config.stuck_users_listed)))
+    # The exporter's own memory, CPU and garbage collection (a 500k-user estate must show its RSS).
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    app = build_app(registry, snapshot, config.user_label)
+    try:
+        server = ExporterHTTPServer(address, app, web_config)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", args.listen_address, exc.strerror or exc)
+        return EXIT_FAILURE
+    serve_forever_in_thread(server)
+
+    if sources is None:
         try:
             sources = build_sources(config)
         except ConfigurationError as exc:
             log.error("%s", exc)
+            server.shutdown()
+            server.server_close()
             return EXIT_USAGE
-
     engine = Engine(
         config,
         sources,
@@ -174,18 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         first_seen=history,
         **({"clock": clock} if clock else {}),
     )
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(ExporterCollector(engine.snapshot, default_collectors(config.stuck_users_listed)))
-    # The exporter's own memory, CPU and garbage collection (a 500k-user estate must show its RSS).
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
-    app = build_app(registry, engine.snapshot, config.user_label)
-    try:
-        server = ExporterHTTPServer(address, app, web_config)
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", args.listen_address, exc.strerror or exc)
-        return EXIT_FAILURE
+    engines.append(engine)
 
     stop = threading.Event()
 
@@ -204,8 +221,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # garbage collection, so a full collection during a refresh stays short.
     gc.freeze()
     keep_large_blocks_mapped()
-    # Serve first: /-/healthy answers at once and /-/ready says 503 while a large state file is read.
-    serve_forever_in_thread(server)
     engine.start()
     scheme = server.scheme
     log.info(
