@@ -166,7 +166,7 @@ def table_bitflip(state: Path, rng: random.Random) -> str:
     header = json.loads(data[len(MAGIC) + 8 : body])
     columns = [c for c in header["columns"] if c["buffers"] and c["buffers"][0][1] > 0]
     column = rng.choice(columns)
-    offset, size = column["buffers"][0]
+    offset, size = column["buffers"][0][:2]  # (offset, length, CRC-32)
     flips = rng.choice((1, 8, 64))
     for _ in range(flips):
         data[body + offset + rng.randrange(size)] ^= 1 << rng.randrange(8)
