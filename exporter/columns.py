@@ -268,6 +268,9 @@ class BlobBuilder:
 
 
 # ------------------------------------------------------------------------------------ joins
+_INT32_ROWS = 2**31
+
+
 @dataclass(frozen=True, eq=False)
 class SortedIndex:
     """Rows of a table ordered by one key column, for vectorised look-ups.
@@ -278,7 +281,7 @@ class SortedIndex:
     """
 
     keys: U64  # sorted
-    order: I64  # the row of each entry of `keys`
+    order: I64  # the row of each entry of `keys` (int32 when the table has fewer than 2^31 rows)
 
     @staticmethod
     def build(keys: U64, preference: npt.NDArray[np.int64] | None = None) -> SortedIndex:
@@ -286,7 +289,10 @@ class SortedIndex:
         if preference is not None:
             rows = rows[np.argsort(preference[rows], kind="stable")]
         ordered = rows[np.argsort(keys[rows], kind="stable")]
-        return SortedIndex(keys=keys[ordered], order=ordered)
+        # Rows as int32 where they fit: half the memory of the order array, and an estate holds a
+        # dozen indexes (twice while a refresh's new tables are evaluated beside the served ones).
+        order = ordered.astype(np.int32) if len(keys) < _INT32_ROWS else ordered
+        return SortedIndex(keys=keys[ordered], order=order)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -328,7 +334,7 @@ class SortedIndex:
         target = np.uint64(key)
         low = np.searchsorted(self.keys, target, side="left")
         high = np.searchsorted(self.keys, target, side="right")
-        return self.order[low:high]
+        return self.order[low:high].astype(np.int64)
 
 
 def safe_take(values: Array, rows: I64, fill: Any) -> Array:

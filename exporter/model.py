@@ -959,7 +959,7 @@ def _rows_with_guids(table: Any, guid_column: str, wanted: Any) -> I64:
     )
     rows = index.order[positions]
     same = (held[rows].view("<u8").reshape(-1, 2) == wanted[owner].view("<u8").reshape(-1, 2)).all(axis=1)
-    return np.unique(rows[same])
+    return np.unique(rows[same]).astype(np.int64)
 
 
 def _last_of_each(table: Any, guid_column: str) -> Any:
