@@ -26,7 +26,7 @@ from typing import Any
 
 from exporter.config import Config, EstateConfig
 from exporter.labels import UserLabeler, new_label_key
-from exporter.memory import LARGE_WORK, return_free_memory
+from exporter.memory import return_free_memory
 from exporter.model import SOURCE_REGISTRY, SourceData, SourceKind
 from exporter.pipelines import implementation
 from exporter.pipelines.definitions import PIPELINES
@@ -525,8 +525,7 @@ class Engine:
             first_seen = estate.first_seen
             estate.dirty = False
         started = time.monotonic()
-        with LARGE_WORK:
-            result = evaluate(estate.pipeline, data, estate.settings, first_seen, self._clock())
+        result = evaluate(estate.pipeline, data, estate.settings, first_seen, self._clock())
         with self._lock:
             estate.evaluation = result
             estate.first_seen = result.first_seen

@@ -14,17 +14,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-import threading
 from functools import cache
 from typing import Any
 
 log = logging.getLogger(__name__)
-
-# Work that builds a new estate-sized table or evaluation beside the one being served (merging a
-# change set, evaluating) takes this lock, so that two of them never hold their transient copies at
-# the same time: at 500,000 users each is 100-150 MiB. They share one GIL anyway, so running them one
-# after the other costs no time.
-LARGE_WORK = threading.Lock()
 
 _M_MMAP_THRESHOLD = -3  # malloc.h
 MMAP_THRESHOLD = 1024 * 1024  # bytes: a column of ~130,000 int64 values or more gets its own mapping

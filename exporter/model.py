@@ -32,7 +32,6 @@ from exporter.columns import (
     text_key,
     text_keys,
 )
-from exporter.memory import LARGE_WORK
 from exporter.tables import Col, Table, TableBuilder
 
 SourceKind = Literal["ad", "entra", "entra_organization", "configmgr", "intune_devices"]
@@ -923,11 +922,7 @@ def _merge(old: Any, new_rows: Any, changed: set[bytes], guid_column: str) -> An
 
     Rows keep their order; a table is always compact (no deleted rows left behind).
     """
-    with LARGE_WORK:
-        return _merged(old, _last_of_each(new_rows, guid_column), changed, guid_column)
-
-
-def _merged(old: Any, new_rows: Any, changed: set[bytes], guid_column: str) -> Any:
+    new_rows = _last_of_each(new_rows, guid_column)
     meta = {**old.meta, **new_rows.meta}
     drop = np.zeros(0, dtype=np.int64)
     if changed and old.n:
