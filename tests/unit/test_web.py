@@ -7,8 +7,10 @@ import gzip
 import json
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
+from types import SimpleNamespace
 
 import bcrypt
 import pytest
@@ -17,6 +19,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from collectors import ExporterCollector, default_collectors
 from exporter.httpserver import ExporterHTTPServer, parse_listen_address
+from exporter.snapshot import Snapshot
 from exporter.webapp import build_app
 from exporter.webconfig import WebConfigError, load_web_config
 from tests.unit.test_collectors import full_engine
@@ -190,3 +193,17 @@ def test_listen_address(text, expected):
 def test_bad_listen_address(text):
     with pytest.raises(ValueError):
         parse_listen_address(text)
+
+
+def test_every_endpoint_answers_before_the_engine_exists(serve):
+    """The CLI listens before the source clients are built: until then the app serves this snapshot."""
+    starting = Snapshot(estates=(), taken_at=time.time(), restoring=True)
+    port = serve(SimpleNamespace(snapshot=lambda: starting))
+    base = f"http://127.0.0.1:{port}"
+    assert get(base + "/-/healthy")[0] == 200
+    assert get(base + "/-/ready")[0] == 503
+    status, _, body = get(base + "/metrics")
+    assert status == 200 and b"intune_exporter_build_info" in body
+    assert get(base + "/")[0] == 200
+    assert get(base + "/stuck")[0] == 200
+    assert get(base + "/trace?user=jdoe")[0] == 404
