@@ -545,6 +545,11 @@ class Engine:
     # ------------------------------------------------------------------ snapshots
     def _publish(self) -> None:
         snapshot = self._build_snapshot()
+        # The counts at the snapshot's moment, computed here (a refresh or the evaluator thread)
+        # rather than by the first scrape that reads them: at 500k users that is 30-40 ms of CPU.
+        for estate in snapshot.estates:
+            if estate.evaluation is not None:
+                estate.evaluation.summary(snapshot.taken_at)
         with self._lock:
             self._snapshot = snapshot
 

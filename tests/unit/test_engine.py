@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import threading
 import time
+from unittest import mock
 
 import pytest
 
 from exporter.config import Config, EstateConfig
 from exporter.engine import Engine
 from exporter.model import OrganizationData
+from exporter.pipelines import evaluation as evaluation_module
 from exporter.sources.base import SourceError
 from exporter.state import StateStore
 from tests.builders import ad, ad_user, cm, cm_for, entra, entra_for
 from tests.fakes import Clock, FakeSource, blocking
+from tests.unit.test_collectors import full_engine
 
 HOUR = 3600.0
 
@@ -376,3 +379,12 @@ def test_failing_state_writes_are_counted_and_logged_once_per_change(tmp_path, c
     assert caplog.text.count("cannot write state file") == 1
     engine._publish()
     assert engine.snapshot().state_write_failures == 2
+
+
+def test_a_published_snapshot_carries_its_summary_already_computed():
+    """Scrapes never pay for the counts at a new snapshot's moment: the publisher computed them."""
+    engine = full_engine()
+    snapshot = engine.snapshot()
+    with mock.patch.object(evaluation_module, "_summarise", side_effect=AssertionError("computed late")):
+        summary = snapshot.estates[0].evaluation.summary(snapshot.taken_at)
+    assert summary.at == snapshot.taken_at and sum(summary.users.values()) > 0
