@@ -534,10 +534,7 @@ def _all_columns(table: Table) -> list[Any]:
 
 def content_key(table: Table) -> tuple[int, ...]:
     """Identity of a table's columns (tables are immutable: same column objects, same content)."""
-    key = tuple(id(value) for value in table.columns().values())
-    for child in table.children.values():
-        key += content_key(child)
-    return key
+    return tuple(id(column) for column in _all_columns(table))
 
 
 def _first_seen_table(seen: FirstSeen) -> Table:

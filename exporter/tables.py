@@ -224,12 +224,10 @@ class Table:
             for c in self.COLUMNS
         }
         kept_children = self._taken_children(rows)
-        children = {}
-        for name, child_cls in self.CHILDREN.items():
-            appended = other.children[name]
-            shifted = dict(appended.columns())
-            shifted["row"] = appended.array("row") + len(rows)
-            children[name] = child_cls.concat([kept_children[name], appended.derive(shifted)])
+        children = {
+            name: child_cls.concat([kept_children[name], _rows_shifted(other.children[name], len(rows))])
+            for name, child_cls in self.CHILDREN.items()
+        }
         return type(self)(columns, meta=meta, children=children)
 
     def _taken_children(self, rows: I64) -> dict[str, Table]:
@@ -259,13 +257,17 @@ class Table:
             shifted = []
             base = 0
             for part in parts:
-                child = part.children[name]
-                cols = dict(child.columns())
-                cols["row"] = child.array("row") + base
-                shifted.append(child.derive(cols))
+                shifted.append(_rows_shifted(part.children[name], base))
                 base += part.n
             children[name] = child_cls.concat(shifted)
         return cls(columns, meta=parts[-1].meta if meta is None else meta, children=children)
+
+
+def _rows_shifted(child: Table, base: int) -> Table:
+    """A child table whose parent rows moved ``base`` places down (its parent follows others)."""
+    columns = dict(child.columns())
+    columns["row"] = child.array("row") + base
+    return child.derive(columns)
 
 
 _ARRAY_CODES = {"f8": "d", "i8": "q", "i4": "i", "i2": "h", "i1": "b", "bool": "b", "u64": "Q"}

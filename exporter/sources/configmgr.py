@@ -1472,8 +1472,7 @@ class ConfigMgrSource:
             cursor = session.execute(
                 members_of_sql(len(ids), len(chunk)), (*ids, *chunk), "reading v_FullCollectionMembership"
             )
-            found = self._collect_members(session, cursor)
-            members.update((resource_id, found[resource_id]) for resource_id in found)
+            members.update(self._collect_members(session, cursor))
         return members
 
     def _collect_members(self, session: Session, cursor: Any) -> MaskedMembers:

@@ -7,7 +7,7 @@ import logging
 from exporter.config import EstateConfig
 from exporter.model import SourceKind
 from exporter.sources.base import ConfigurationError, Source
-from exporter.sources.isolated import Recipe, remove_stale_scratch
+from exporter.sources.isolated import Recipe
 
 # Sources whose refreshes may run in a child process (exporter.sources.isolated): those that read
 # a whole table. The organization source reads three small documents.
@@ -30,7 +30,6 @@ def build_estate_sources(estate: EstateConfig) -> list[Source]:
     """The source clients of an estate. Those that read a whole table carry the recipe the engine
     needs to run their refreshes in a child process (``isolation_recipe``)."""
     sources = _build(estate)
-    remove_stale_scratch()
     for source in sources:
         if source.kind in ISOLATED_KINDS:
             source.isolation_recipe = Recipe(estate, source.kind)  # type: ignore[attr-defined]

@@ -126,6 +126,7 @@ def _forkserver() -> Any:
     global _context
     with _context_lock:
         if _context is None:
+            remove_stale_scratch()  # once per process, before its first child
             context = multiprocessing.get_context("forkserver")
             # Never '__main__' (the default): the exporter's entry point is no module to re-run.
             context.set_forkserver_preload(_PRELOAD)
