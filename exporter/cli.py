@@ -26,7 +26,7 @@ from exporter.secrets import SecretMask
 from exporter.snapshot import Snapshot
 from exporter.sources.base import ConfigurationError, Source
 from exporter.state import StateStore
-from exporter.webapp import build_app
+from exporter.webapp import MetricsRenderer, build_app
 from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")
@@ -152,8 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources: dict[str, list[Source]] | None = None
     if args.demo:
         from exporter.demo import demo_setup
+        from exporter.demo.child import simulate_in_child
 
         config, sources, clock, history = demo_setup(time_scale=args.demo_time_scale)
+        simulate_in_child(sources)  # forked now, while this process has no other thread
         setup_logging(args.log_level, args.log_format)
         log.info("running on the embedded demo estate (time scale %g)", args.demo_time_scale)
     else:
@@ -176,10 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ExporterCollector(snapshot, default_collectors(config.stuck_users_listed)))
     # The exporter's own memory, CPU and garbage collection (a 500k-user estate must show its RSS).
-    ProcessCollector(registry=registry)
-    PlatformCollector(registry=registry)
-    GCCollector(registry=registry)
-    app = build_app(registry, snapshot, config.user_label)
+    runtime = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=runtime)
+    PlatformCollector(registry=runtime)
+    GCCollector(registry=runtime)
+    metrics_renderer = MetricsRenderer(registry, snapshot, runtime)
+    app = build_app(metrics_renderer, snapshot, config.user_label)
     try:
         server = ExporterHTTPServer(address, app, web_config)
     except OSError as exc:
@@ -222,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc.freeze()
     keep_large_blocks_mapped()
     engine.start()
+    threading.Thread(
+        target=metrics_renderer.keep_warm, args=(stop,), name="metrics-warm", daemon=True
+    ).start()
     scheme = server.scheme
     log.info(
         "intune-provisioning-exporter %s listening on %s://%s:%d (%d estate(s))",

@@ -5,9 +5,10 @@ The transport owns everything that is the same for every path: parsing, basic au
 response headers, HEAD, and turning an exception in the app into a 500. It is built to stay
 reachable when clients misbehave:
 
-- one thread per connection, at most ``max_connections`` of them (bounded below the descriptor
-  limit); when a new client arrives at the limit, the connection that has waited longest for a
-  request is closed, so idle or half-sent connections can never lock scrapers out;
+- one thread per connection (kept for the next connection when it ends), at most
+  ``max_connections`` of them (bounded below the descriptor limit); when a new client arrives at
+  the limit, the connection that has waited longest for a request is closed, so idle or half-sent
+  connections can never lock scrapers out;
 - a watchdog closes connections that take too long to send their request headers (slowloris), sit
   idle between keep-alive requests, or do not read their response;
 - each response leaves in one write with TCP_NODELAY (no Nagle / delayed-ACK stall on small
@@ -22,6 +23,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import queue
 import re
 import resource
 import secrets
@@ -256,6 +258,45 @@ class _Connections:
             return len(self._items)
 
 
+class _Workers:
+    """The threads that serve connections, one connection at a time each. A thread that finished
+    one waits ``idle_seconds`` for the next before it ends, so a burst of scrapers finds threads
+    waiting: starting a thread makes the accepting thread wait until the new one runs, a GIL
+    hand-over per connection that twenty connections arriving together would pay one after another.
+    There are never more threads than connections being served plus idle ones (the connection
+    limit bounds both)."""
+
+    def __init__(self, serve: Callable[[_Connection], None], idle_seconds: float = 60.0) -> None:
+        self._serve = serve
+        self._idle_seconds = idle_seconds
+        self._queue: queue.SimpleQueue[_Connection] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0  # threads waiting for a connection and not yet promised one
+
+    def submit(self, connection: _Connection) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1
+                self._queue.put(connection)
+                return
+        threading.Thread(target=self._work, args=(connection,), name="http-worker", daemon=True).start()
+
+    def _work(self, connection: _Connection) -> None:
+        while True:
+            self._serve(connection)
+            with self._lock:
+                self._idle += 1
+            try:
+                connection = self._queue.get(timeout=self._idle_seconds)
+            except queue.Empty:
+                with self._lock:  # a connection may have been promised to this thread meanwhile
+                    try:
+                        connection = self._queue.get_nowait()
+                    except queue.Empty:
+                        self._idle -= 1
+                        return
+
+
 # --- the server -----------------------------------------------------------------------------------
 
 
@@ -271,6 +312,7 @@ class ExporterHTTPServer:
         self.auth = BasicAuth(web_config.basic_auth_users)
         self.rate_limit = TokenBucket(web_config.rate_limit) if web_config.rate_limit else None
         self.connections = _Connections(self.limits.connection_limit())
+        self._workers = _Workers(self._serve_connection)
         self._stop = threading.Event()
         self._stopped = threading.Event()
         self._stopped.set()
@@ -323,9 +365,7 @@ class ExporterHTTPServer:
             log.debug("refusing %s: all %d connections are busy", address, self.connections.limit)
             sock.close()
             return
-        thread = threading.Thread(target=self._serve_connection, args=(connection,), daemon=True)
-        thread.name = f"http-{address}"
-        thread.start()
+        self._workers.submit(connection)
 
     def _watch(self) -> None:
         while not self._stopped.wait(0.25):

@@ -156,6 +156,20 @@ class Table:
         self._cache: dict[str, Any] = {}
         self._cache_lock = threading.Lock()
 
+    # Pickled for the demo's simulation process (exporter.demo.child); the lock is per process.
+    def __getstate__(
+        self,
+    ) -> tuple[dict[str, ColumnValue], int, dict[str, Any], dict[str, Table], dict[str, Any]]:
+        with self._cache_lock:
+            cache = dict(self._cache)
+        return self._columns, self.n, self.meta, self.children, cache
+
+    def __setstate__(
+        self, state: tuple[dict[str, ColumnValue], int, dict[str, Any], dict[str, Table], dict[str, Any]]
+    ) -> None:
+        self._columns, self.n, self.meta, self.children, self._cache = state
+        self._cache_lock = threading.Lock()
+
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
         return self.n

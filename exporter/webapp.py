@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -23,32 +25,100 @@ from exporter.httpserver import App, Request, Response
 from exporter.pages import TraceNotFound, landing_page, stuck_document, trace_documents, trace_page
 
 Route = Callable[[Request], Response]
+Encoder = Callable[[CollectorRegistry], bytes]
+
+log = logging.getLogger(__name__)
 
 TEXT = "text/plain; charset=utf-8"
 HTML = "text/html; charset=utf-8"
 JSON = "application/json"
 TITLE = "intune-provisioning-exporter"
-RENDERING_MAX_AGE = 1.0  # seconds a /metrics rendering is reused while the snapshot is unchanged
-RENDERING_STALE_FOR = 10.0  # ... and served while a fresh one renders in the background
+RUNTIME_MAX_AGE = 1.0  # seconds a rendering of the runtime metrics (process CPU, memory, GC) is reused
+OPENMETRICS_EOF = b"# EOF\n"
 
 
-def build_app(registry: CollectorRegistry, snapshot: Callable[[], Snapshot], user_label: str) -> App:
+class MetricsRenderer:
+    """The /metrics bodies: the snapshot's metrics rendered once per snapshot, the runtime metrics
+    (process CPU and memory, GC) at most ``RUNTIME_MAX_AGE`` seconds old.
+
+    Rendering the snapshot's metrics costs milliseconds of pure-Python CPU under the GIL (8 ms for
+    the demo's three estates), and they only change with the snapshot: rendered once, a scrape
+    costs a copy and the runtime metrics' 0.2 ms. :meth:`keep_warm` renders each new snapshot in
+    the background, for every format scraped so far, so no scrape waits for that rendering; a
+    scrape that arrives first still renders it once for every request that arrives meanwhile.
+    """
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        snapshot: Callable[[], Snapshot],
+        runtime: CollectorRegistry | None = None,
+    ) -> None:
+        self._registry = registry
+        self._snapshot = snapshot
+        self._runtime = runtime
+        self._lock = threading.Lock()
+        self._parts: dict[str, SharedRendering] = {}  # content type -> the snapshot's metrics
+        self._bodies: dict[tuple[str, bool], SharedRendering] = {}  # (content type, gzip) -> body
+
+    def render(self, accept: str, accept_encoding: str) -> tuple[bytes, str, bool]:
+        """(body, content type, gzip-compressed) for a request's Accept and Accept-Encoding."""
+        encoder, content_type = choose_encoder(accept)
+        compress = "gzip" in accept_encoding
+        with self._lock:
+            body = self._bodies.get((content_type, compress))
+            if body is None:
+                part = self._part(encoder, content_type)
+                render = partial(self._body, part, encoder, compress)
+                body = SharedRendering(render, self._snapshot, RUNTIME_MAX_AGE)
+                self._bodies[(content_type, compress)] = body
+        return body.get(), content_type, compress
+
+    def warm(self) -> None:
+        """Render the current snapshot's metrics in every format scraped so far."""
+        with self._lock:
+            parts = list(self._parts.values())
+        for part in parts:
+            part.get()
+
+    def keep_warm(self, stop: threading.Event, interval: float = 0.1) -> None:
+        """:meth:`warm` for each new snapshot, until ``stop`` is set (the body of a daemon thread)."""
+        seen: object = None
+        while not stop.wait(interval):
+            current = self._snapshot()
+            if current is seen:
+                continue
+            try:
+                self.warm()
+            except Exception:  # the scrape that renders it reports the failure; keep watching
+                log.exception("rendering the metrics of a new snapshot failed")
+            seen = current
+
+    def _part(self, encoder: Encoder, content_type: str) -> SharedRendering:
+        part = self._parts.get(content_type)
+        if part is None:
+            part = SharedRendering(partial(encoder, self._registry), self._snapshot, math.inf)
+            self._parts[content_type] = part
+        return part
+
+    def _body(self, part: SharedRendering, encoder: Encoder, compress: bool) -> bytes:
+        body = part.get()
+        if self._runtime is not None:
+            live = encoder(self._runtime)
+            if body.endswith(OPENMETRICS_EOF) and live.endswith(OPENMETRICS_EOF):
+                body = body[: -len(OPENMETRICS_EOF)]  # one exposition, one end marker
+            body += live
+        return gzip.compress(body, compresslevel=6) if compress else body
+
+
+def build_app(metrics_renderer: MetricsRenderer, snapshot: Callable[[], Snapshot], user_label: str) -> App:
     """Every path the exporter serves; add a route by adding an entry here."""
 
-    renderings: dict[tuple[str, bool], SharedRendering] = {}
-    renderings_lock = threading.Lock()
-
     def metrics(request: Request) -> Response:
-        encoder, content_type = choose_encoder(request.header("accept"))
-        compress = "gzip" in request.header("accept-encoding")
-        with renderings_lock:
-            rendering = renderings.get((content_type, compress))
-            if rendering is None:
-                render = partial(_exposition, encoder, registry, compress)
-                rendering = SharedRendering(render, snapshot, RENDERING_MAX_AGE, RENDERING_STALE_FOR)
-                renderings[(content_type, compress)] = rendering
-        body = rendering.get()
-        return Response(200, body, content_type, {"Content-Encoding": "gzip"} if compress else {})
+        body, content_type, compressed = metrics_renderer.render(
+            request.header("accept"), request.header("accept-encoding")
+        )
+        return Response(200, body, content_type, {"Content-Encoding": "gzip"} if compressed else {})
 
     def landing(request: Request) -> Response:
         return Response(200, landing_page(snapshot(), TITLE).encode(), HTML)
@@ -100,73 +170,36 @@ def build_app(registry: CollectorRegistry, snapshot: Callable[[], Snapshot], use
     return app
 
 
-def _exposition(
-    encoder: Callable[[CollectorRegistry], bytes], registry: CollectorRegistry, compress: bool
-) -> bytes:
-    body = encoder(registry)
-    return gzip.compress(body, compresslevel=6) if compress else body
-
-
 class SharedRendering:
-    """One rendering of the exposition serves every request that arrives while it is under way, and
-    is reused for up to ``max_age`` seconds while the engine's snapshot is the same object.
-
-    Rendering costs a few milliseconds of pure-Python CPU under the GIL; twenty scrapers arriving
-    together would otherwise queue behind twenty renderings. The exporter's own metrics are a
-    function of the snapshot, so a new snapshot is rendered at once; only the process and runtime
-    metrics (CPU seconds, memory, GC counts) can be older. Between ``max_age`` and ``stale_for``
-    seconds a rendering of the same snapshot is still served, at once, while a fresh one renders in
-    the background for the next request: scrapers that arrive often never wait for a rendering,
-    and those metrics are at most ``stale_for`` seconds old.
-    """
+    """One rendering serves every request that arrives while it is under way, and is reused for up
+    to ``max_age`` seconds while ``version()`` (the engine's snapshot) is the same object; a new
+    snapshot is rendered at once. Twenty scrapers arriving together wait for one rendering, not
+    for twenty one after another."""
 
     def __init__(
-        self,
-        render: Callable[[], bytes],
-        version: Callable[[], object] = object,
-        max_age: float = 0.0,
-        stale_for: float = 0.0,
+        self, render: Callable[[], bytes], version: Callable[[], object] = object, max_age: float = 0.0
     ) -> None:
         self._render = render
         self._version = version
         self._max_age = max_age
-        self._stale_for = max(stale_for, max_age)
         self._lock = threading.Lock()
         self._current: Future[bytes] | None = None
-        self._last: tuple[object, float, bytes] | None = None  # (snapshot, started at, body)
+        self._last: tuple[object, float, bytes] | None = None  # (version, started at, body)
 
     def get(self) -> bytes:
         version = self._version()
         with self._lock:
-            kept = self._kept(version)
-            if kept is not None:
-                body, fresh = kept
-                if fresh or self._current is not None:
+            if self._last is not None:
+                last_version, started, body = self._last
+                if last_version is version and time.monotonic() - started < self._max_age:
                     return body
-                # Served as it is; the next request gets the rendering started here.
-                behind: Future[bytes] = Future()
-                self._current = behind
-            else:
-                leader = self._current is None
-                if self._current is None:
-                    self._current = Future()
-                current: Future[bytes] = self._current
-        if kept is not None:
-            threading.Thread(target=self._lead, args=(behind, version), name="render", daemon=True).start()
-            return kept[0]
+            leader = self._current is None
+            if leader:
+                self._current = Future()
+            current: Future[bytes] = self._current  # type: ignore[assignment]
         if leader:
             self._lead(current, version)
         return current.result()
-
-    def _kept(self, version: object) -> tuple[bytes, bool] | None:
-        """(the last rendering, whether it is fresh) when it may be served for ``version``."""
-        if self._last is None:
-            return None
-        last_version, started, body = self._last
-        age = time.monotonic() - started
-        if last_version is not version or age >= self._stale_for:
-            return None
-        return body, age < self._max_age
 
     def _lead(self, current: Future[bytes], version: object) -> None:
         started = time.monotonic()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
+from exporter.demo.child import SimulationProcess
 from exporter.demo.common import SimulatedEstate
 from exporter.model import HttpStats, SourceData, SourceKind
 
@@ -18,10 +19,11 @@ READERS: dict[SourceKind, str] = {
 }
 GRAPH_KINDS: frozenset[SourceKind] = frozenset({"entra", "entra_organization", "intune_devices"})
 
-# A simulated read is pure-Python CPU work in the serving process (a real source waits on its
-# backend, or decodes in a child process). Every source of every demo estate refreshes at the same
-# moment; a dozen such threads sharing the GIL with the scrapes' threads would delay each scrape by
-# a dozen turns per hand-over (200 ms and more), one at a time they delay it by one.
+# A simulated read is pure-Python CPU work (a real source waits on its backend, or decodes in a
+# child process); ``--demo`` reads in the simulation process (exporter.demo.child), tests read in
+# process. There, every source of every demo estate refreshes at the same moment; a dozen such
+# threads sharing the GIL with the scrapes' threads would delay each scrape by a dozen turns per
+# hand-over (200 ms and more), one at a time they delay it by one.
 _SIMULATION = threading.Lock()
 
 
@@ -32,13 +34,17 @@ class DemoSource:
         self.estate = estate
         self.kind: SourceKind = kind
         self._read: Callable[[], SourceData] = getattr(estate, READERS[kind])
+        self.simulation: SimulationProcess | None = None  # reads there instead, when set
 
     def describe(self) -> str:
         return f"demo {self.kind} of {self.estate.domain}"
 
     def refresh(self, previous: SourceData | None, deadline: float | None = None) -> SourceData:
+        # Always a full read: the simulation has nothing to be incremental about.
+        if self.simulation is not None:
+            return self.simulation.read(self.estate, self.kind)
         with _SIMULATION:
-            return self._read()  # always a full read: the simulation has nothing to be incremental about
+            return self._read()
 
     def close(self) -> None:
         return None

@@ -20,7 +20,7 @@ from prometheus_client.registry import CollectorRegistry
 from collectors import ExporterCollector, default_collectors
 from exporter.httpserver import ExporterHTTPServer, parse_listen_address
 from exporter.snapshot import Snapshot
-from exporter.webapp import build_app
+from exporter.webapp import MetricsRenderer, build_app
 from exporter.webconfig import WebConfigError, load_web_config
 from tests.unit.test_collectors import full_engine
 
@@ -32,7 +32,7 @@ def serve():
     def start(engine, web_config=None, user_label="upn"):
         registry = CollectorRegistry(auto_describe=False)
         registry.register(ExporterCollector(engine.snapshot, default_collectors(25)))
-        app = build_app(registry, engine.snapshot, user_label)
+        app = build_app(MetricsRenderer(registry, engine.snapshot), engine.snapshot, user_label)
         server = ExporterHTTPServer(("127.0.0.1", 0), app, web_config or load_web_config(None))
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)

@@ -206,36 +206,3 @@ def test_shared_rendering_reuse_follows_the_snapshot():
     assert expiring.get() == b"rendering 3"
     time.sleep(0.1)
     assert expiring.get() == b"rendering 4"
-
-
-def test_shared_rendering_serves_a_stale_rendering_while_the_next_renders_behind():
-    """Between max_age and stale_for a rendering of the same snapshot is served at once and a fresh
-    one renders in the background; a new snapshot, or an older rendering, is rendered at once."""
-    snapshot = [object()]
-    renders: list[int] = []
-    release = threading.Event()
-    release.set()
-
-    def render() -> bytes:
-        release.wait(5)
-        renders.append(1)
-        return f"rendering {len(renders)}".encode()
-
-    shared = SharedRendering(render, lambda: snapshot[0], max_age=0.05, stale_for=0.5)
-    assert shared.get() == b"rendering 1"
-    time.sleep(0.1)
-    release.clear()  # the background rendering waits until released: the request must not
-    started = time.monotonic()
-    assert shared.get() == b"rendering 1"
-    assert shared.get() == b"rendering 1"  # one rendering behind at a time
-    assert time.monotonic() - started < 1
-    release.set()
-    deadline = time.monotonic() + 5
-    while len(renders) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.01)
-    assert shared.get() == b"rendering 2" and len(renders) == 2
-    time.sleep(0.6)  # older than stale_for: rendered while the request waits
-    assert shared.get() == b"rendering 3"
-    snapshot[0] = object()
-    assert shared.get() == b"rendering 4"
