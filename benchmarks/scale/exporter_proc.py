@@ -23,6 +23,7 @@ from benchmarks.scale.estate import (
 from benchmarks.scale.metrics import Scrape, fetch, try_fetch
 from benchmarks.scale.slapd import SERVICE_PASSWORD, free_port
 
+REPO = Path(__file__).resolve().parents[2]
 ESTATE = "scale"
 SOURCE_KINDS = {"ad": ("ad",), "entra": ("entra", "entra_organization"), "configmgr": ("configmgr",)}
 
@@ -215,6 +216,10 @@ class ExporterProcess:
 def exporter_command(source_dir: Path | None) -> tuple[list[str], dict[str, str]]:
     """``python -m exporter``, from a given source tree (a snapshot) or the installed package."""
     env = {"PYTHONPATH": str(source_dir)} if source_dir is not None else {}
+    probe = os.environ.get("IPX_GILPROBE")  # a file: run under benchmarks.scale.gilprobe, writing there
+    if probe:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (env.get("PYTHONPATH"), str(REPO))))
+        return [sys.executable, "-m", "benchmarks.scale.gilprobe", "--out", probe, "--"], env
     return [sys.executable, "-m", "exporter"], env
 
 

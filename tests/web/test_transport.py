@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from exporter.httpserver import Limits, Request, Response
+from exporter.httpserver import Limits, Request, Response, _Workers
 from exporter.webapp import SharedRendering
 from exporter.webconfig import RateLimit, WebConfig
 
@@ -206,3 +206,45 @@ def test_shared_rendering_reuse_follows_the_snapshot():
     assert expiring.get() == b"rendering 3"
     time.sleep(0.1)
     assert expiring.get() == b"rendering 4"
+
+
+def test_a_connection_thread_serves_the_next_connection_and_ends_when_idle():
+    served: list[tuple[object, int]] = []
+    release = threading.Event()
+    release.set()
+    done = threading.Semaphore(0)
+
+    def serve(connection: object) -> None:
+        release.wait(5)
+        served.append((connection, threading.get_ident()))
+        done.release()
+
+    workers = _Workers(serve, idle_seconds=0.5)  # type: ignore[arg-type]
+    workers.submit("first")  # type: ignore[arg-type]
+    assert done.acquire(timeout=5)
+    time.sleep(0.05)  # the thread is back waiting
+    workers.submit("second")  # type: ignore[arg-type]
+    assert done.acquire(timeout=5)
+    assert served[0][1] == served[1][1]  # no new thread for the second connection
+
+    release.clear()  # five connections at once: five threads
+    for name in "abcde":
+        workers.submit(name)  # type: ignore[arg-type]
+    release.set()
+    for _ in range(5):
+        assert done.acquire(timeout=5)
+    burst = {ident for _, ident in served[2:]}
+    assert len(burst) == 5 and sorted(c for c, _ in served[2:]) == list("abcde")
+    time.sleep(0.05)
+    for name in "fghij":  # the next burst finds them waiting
+        workers.submit(name)  # type: ignore[arg-type]
+    for _ in range(5):
+        assert done.acquire(timeout=5)
+    assert {ident for _, ident in served[7:]} <= burst
+
+    deadline = time.monotonic() + 5
+    while any(t.ident in burst for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.ident in burst for t in threading.enumerate())  # idle threads end
+    workers.submit("after")  # type: ignore[arg-type]
+    assert done.acquire(timeout=5) and served[-1][0] == "after"
