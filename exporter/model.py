@@ -32,7 +32,7 @@ from exporter.columns import (
     text_key,
     text_keys,
 )
-from exporter.tables import Col, Table, TableBuilder
+from exporter.tables import Col, Table, TableBuilder, prepare_deferred
 
 SourceKind = Literal["ad", "entra", "entra_organization", "configmgr", "intune_devices"]
 ErrorReason = Literal["auth", "timeout", "network", "throttled", "data", "other"]
@@ -118,6 +118,8 @@ class AdTable(Table):
 
     def prepare(self) -> AdTable:
         """Build the sorted indexes now (in the refresh thread, not in the evaluation)."""
+        if prepare_deferred():
+            return self
         for key in ("k_guid", "k_imm", "k_sid", "k_name", "k_upn"):
             self.index(key)
         return self
@@ -373,6 +375,8 @@ class EntraTable(Table):
         return self.cached("id_rank", build)
 
     def prepare(self) -> EntraTable:
+        if prepare_deferred():
+            return self
         for key in ("k_imm", "k_sid"):
             self.synced_index(key)
         for key in ("k_imm", "k_sid", "k_upn"):
@@ -744,6 +748,8 @@ class CmTable(Table):
         return self.cached(f"join:{key}", build)
 
     def prepare(self) -> CmTable:
+        if prepare_deferred():
+            return self
         for key in ("k_sid", "k_guid", "k_name", "k_upn"):
             self.join_index(key)
         return self
@@ -874,7 +880,8 @@ class DeviceTable(Table):
         return self.cached("index:k_user", lambda: SortedIndex.build(self.array("k_user")))
 
     def prepare(self) -> DeviceTable:
-        self.user_index()
+        if not prepare_deferred():
+            self.user_index()
         return self
 
     @classmethod

@@ -90,6 +90,20 @@ class Categorical:
 ColumnValue = Array | Blob | Categorical
 
 
+_prepare_deferred = False
+
+
+def defer_prepare() -> None:
+    """From now on ``prepare()`` builds nothing in this process: a refresh child hands its table
+    over as column files, and the exporter builds the join indexes when it reads them back."""
+    global _prepare_deferred
+    _prepare_deferred = True
+
+
+def prepare_deferred() -> bool:
+    return _prepare_deferred
+
+
 def empty_column(kind: Kind) -> ColumnValue:
     if kind in ("text", "bytes"):
         return Blob(b"", np.zeros(1, dtype=np.int64), None, kind == "text")

@@ -53,7 +53,7 @@ from typing import Any, Protocol, runtime_checkable
 from exporter.config import EstateConfig
 from exporter.model import SOURCE_REGISTRY, HttpStats, SourceData, SourceKind
 from exporter.sources.base import Source, SourceError, http_stats_of
-from exporter.tables import Table
+from exporter.tables import Table, defer_prepare
 
 log = logging.getLogger(__name__)
 
@@ -369,6 +369,7 @@ def child_main(
 ) -> None:
     """The child process: build the source, refresh, hand the result over (see the module doc)."""
     _end_with_exporter(exporter_pid)
+    defer_prepare()  # the indexes are not handed over: the parent builds them from the result
     with contextlib.suppress(OSError):
         # A refresh is batch work: when both compete for a core, the serving process comes first.
         os.nice(CHILD_NICENESS)

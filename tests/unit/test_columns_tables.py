@@ -451,3 +451,29 @@ def test_take_and_append_equals_take_then_concat_children_included():
     for name, child in expected.children.items():
         assert merged.children[name].n == child.n
         assert list(merged.children[name].array("row")) == list(child.array("row"))
+
+
+def test_a_refresh_child_defers_the_join_indexes_to_the_exporter():
+    """After defer_prepare() (a refresh child), prepare() builds no index; tables still work,
+    building an index when one is asked for. Run in a fresh interpreter: the switch is process-wide."""
+    import subprocess
+    import sys
+
+    script = """
+from exporter.model import AdTable, AdUser
+from exporter.tables import defer_prepare
+
+def table():
+    user = AdUser(object_guid=bytes(range(16)), object_sid="S-1-5-21-1-2-3-1001", sam_account_name="ann",
+                  user_principal_name="ann@contoso.com", source_anchor=bytes(range(16)), when_created=0.0)
+    return AdTable.from_records([user], "CONTOSO")
+
+assert "index:k_guid" in table().prepare()._cache
+defer_prepare()
+deferred = table().prepare()
+assert "index:k_guid" not in deferred._cache
+assert deferred.row_of_guid(bytes(range(16))) == 0 and "index:k_guid" in deferred._cache
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
