@@ -352,12 +352,6 @@ class ActiveDirectorySource:
             log.info("Active Directory %s: every refresh is a full read: %s", self.endpoint, why)
 
     # -- between refreshes (a refresh may run in a child process: exporter.sources.isolated) ----
-    def child_refresh(self, previous: SourceData | None) -> tuple[bool, SourceData | None]:
-        """Every refresh in a child process (exporter.sources.isolated), an incremental one with the
-        held table: decoding even a 1% change set is seconds of Python that scrapes would wait
-        behind, more than writing the held table for the child and reading the result back."""
-        return True, previous if isinstance(previous, AdTable) else None
-
     def carry_over(self) -> dict[str, Any]:
         return {"netbios": self._netbios_domain, "no_incremental": self._no_incremental_logged}
 

@@ -138,11 +138,6 @@ class EntraUsersSource(GraphSource):
             table = self._name_groups(table, budget)
         return table.prepare()
 
-    def child_refresh(self, previous: SourceData | None) -> tuple[bool, SourceData | None]:
-        """Every refresh in a child process (exporter.sources.isolated), an incremental one with the
-        held table: decoding even a 1% delta is seconds of Python that scrapes would wait behind."""
-        return True, previous if isinstance(previous, EntraTable) else None
-
     def carry_over(self) -> dict[str, Any]:
         """What a refresh in a child process must remember (exporter.sources.isolated): the group
         names and a refused permission to read them."""
