@@ -2,6 +2,8 @@
 
     python -m benchmarks.scale.gilprobe --out probe.jsonl -- --config.file C --web.listen-address A
 
+(``IPX_GILPROBE=probe.jsonl python -m benchmarks.scale run ...`` runs the scale benchmark's exporter so.)
+
 A scrape is served by a thread of the exporter process; while another thread holds the GIL in one
 long C call (a big ``json.loads``, a join or copy of a large buffer, a numpy operation that keeps
 the GIL) or a garbage collection runs, the serving thread cannot run at all, whatever the switch
