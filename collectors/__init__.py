@@ -42,12 +42,13 @@ class ExporterCollector(Collector):
         snapshot = self._snapshot()
         duration = GaugeMetricFamily(
             "intune_exporter_collector_duration_seconds",
-            "Time a collector took to turn the latest refreshed snapshot into metrics on this scrape.",
+            "Time a collector took to turn the current snapshot into metrics (once per snapshot).",
             labels=["collector"],
         )
         success = GaugeMetricFamily(
             "intune_exporter_collector_success",
-            "1 if the collector produced its metrics on this scrape, 0 if it failed (see the exporter log).",
+            "1 if the collector produced its metrics for the current snapshot, 0 if it failed (see the "
+            "exporter log).",
             labels=["collector"],
         )
         for collector in self._collectors:
