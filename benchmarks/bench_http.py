@@ -26,7 +26,6 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -122,20 +121,10 @@ def scraper(
 
 
 def client_process(
-    args: tuple[int, str | None, dict[str, str], bool, int, int, float, float | None],
+    args: tuple[int, str | None, dict[str, str], bool, int, float, float | None],
 ) -> list[float]:
-    port, ca_file, headers, keep_alive, threads, count, interval, burst_at = args
-    results: list[list[float]] = [[] for _ in range(threads)]
-
-    def run(index: int) -> None:
-        results[index] = scraper(port, ca_file, headers, keep_alive, count, interval, burst_at)
-
-    workers = [threading.Thread(target=run, args=(i,)) for i in range(threads)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    return [latency for result in results for latency in result]
+    """One scraper in a process of the pool (a process per scraper: no client GIL shared)."""
+    return scraper(*args)
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -154,14 +143,10 @@ def run_scenario(
     interval: float,
     burst: bool = False,
 ) -> list[float]:
-    processes = concurrency  # one process per scraper: the client's own GIL must not add to the figures
     per_scraper = max(1, total // concurrency)
-    shares = [concurrency // processes + (1 if i < concurrency % processes else 0) for i in range(processes)]
     # perf_counter is CLOCK_MONOTONIC here: one clock for every client process.
     burst_at = time.perf_counter() + 1.0 if burst else None
-    jobs = [
-        (port, ca_file, headers, keep_alive, threads, per_scraper, interval, burst_at) for threads in shares
-    ]
+    jobs = [(port, ca_file, headers, keep_alive, per_scraper, interval, burst_at)] * concurrency
     return [latency for result in pool.map(client_process, jobs) for latency in result]
 
 
@@ -201,18 +186,17 @@ def main() -> None:
         )
         auth = {"Authorization": "Basic " + base64.b64encode(b"prometheus:" + PASSWORD).decode()}
         plain_port, tls_port = free_port(), free_port()
+        configs = {
+            "plain": (plain_port, None, {}, None),
+            "tls+auth": (tls_port, str(folder / "ca.pem"), auth, folder / "web.yml"),
+        }
         setups = {
-            "plain": (plain_port, None, {}, start_exporter(plain_port, None)),
-            "tls+auth": (
-                tls_port,
-                str(folder / "ca.pem"),
-                auth,
-                start_exporter(tls_port, folder / "web.yml"),
-            ),
+            name: (port, ca_file, headers, start_exporter(port, web_config))
+            for name, (port, ca_file, headers, web_config) in configs.items()
+            if name in (options.setup or configs)
         }
         try:
-            selected = {name: setup for name, setup in setups.items() if name in (options.setup or setups)}
-            for port, ca_file, headers, _ in selected.values():
+            for port, ca_file, headers, _ in setups.values():
                 wait_ready(port, ca_file, headers)
             pacing = f"each scraper every {options.interval:g} s" if options.interval else "closed loop"
             pacing += ", all at the same moments" if options.burst and options.interval else ""
@@ -222,7 +206,7 @@ def main() -> None:
             columns = ("scrapers", "connection", "req/s", "p50 ms", "p95 ms", "p99 ms")
             print(f"{'setup':9} " + " ".join(f"{c:>{max(7, len(c))}}" for c in columns))
             with multiprocessing.Pool(max(options.scrapers or SCRAPERS)) as pool:
-                for name, (port, ca_file, headers, _) in selected.items():
+                for name, (port, ca_file, headers, _) in setups.items():
                     for concurrency in options.scrapers or SCRAPERS:
                         for keep_alive in [
                             m == "keep-alive" for m in options.connection or ("keep-alive", "new")

@@ -119,8 +119,6 @@ def check_config(path: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["trace"] or "--config.check" in arguments:
-        gc.enable()  # (python -m exporter turned it off for the exporter's start)
     if arguments[:1] == ["trace"]:
         from exporter.trace import main as trace_main
 
@@ -138,6 +136,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.config_check:
         return check_config(args.config_file)
 
+    # No garbage collection while the exporter starts: importing the source libraries after the
+    # listener opens made full collections of 35-51 ms while the first scrapes were being answered,
+    # and they would have found nothing to free. serve() turns it on once the start is done.
+    gc.disable()
+    try:
+        return serve(args)
+    finally:
+        gc.enable()
+
+
+def serve(args: argparse.Namespace) -> int:
+    """The exporter itself: listen, build the sources and the engine, run until SIGTERM/SIGINT."""
     try:
         address = parse_listen_address(args.listen_address)
         web_config = load_web_config(args.web_config_file)
@@ -224,9 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # 5 ms keeps a scrape's latency low at a negligible cost to the background work.
     sys.setswitchinterval(SWITCH_INTERVAL)
     # What exists now (modules, config, clients) lives as long as the process: keep it out of every
-    # garbage collection, so a full collection during a refresh stays short. Until now collections
-    # were off (python -m exporter): importing the source libraries made full collections of 35-45
-    # ms while the first scrapes were being answered, and they would have found nothing to free.
+    # garbage collection, so a full collection during a refresh stays short; collections were off
+    # until now (see main).
     gc.freeze()
     gc.enable()
     keep_large_blocks_mapped()

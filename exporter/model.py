@@ -32,7 +32,7 @@ from exporter.columns import (
     text_key,
     text_keys,
 )
-from exporter.tables import Col, Table, TableBuilder, prepare_deferred
+from exporter.tables import Col, Table, TableBuilder
 
 SourceKind = Literal["ad", "entra", "entra_organization", "configmgr", "intune_devices"]
 ErrorReason = Literal["auth", "timeout", "network", "throttled", "data", "other"]
@@ -116,13 +116,9 @@ class AdTable(Table):
     def index(self, key: str) -> SortedIndex:
         return self.cached(f"index:{key}", lambda: SortedIndex.build(self.array(key)))
 
-    def prepare(self) -> AdTable:
-        """Build the sorted indexes now (in the refresh thread, not in the evaluation)."""
-        if prepare_deferred():
-            return self
+    def build_indexes(self) -> None:
         for key in ("k_guid", "k_imm", "k_sid", "k_name", "k_upn"):
             self.index(key)
-        return self
 
     def row_of_guid(self, guid: bytes) -> int | None:
         key = int(guid_keys(np.frombuffer(guid, dtype="V16"))[0])
@@ -374,15 +370,12 @@ class EntraTable(Table):
 
         return self.cached("id_rank", build)
 
-    def prepare(self) -> EntraTable:
-        if prepare_deferred():
-            return self
+    def build_indexes(self) -> None:
         for key in ("k_imm", "k_sid"):
             self.synced_index(key)
         for key in ("k_imm", "k_sid", "k_upn"):
             self.other_index(key)
         self.index("k_id")
-        return self
 
     def row_of_id(self, object_id: str) -> int | None:
         raw = object_id_bytes(object_id)
@@ -747,12 +740,9 @@ class CmTable(Table):
 
         return self.cached(f"join:{key}", build)
 
-    def prepare(self) -> CmTable:
-        if prepare_deferred():
-            return self
+    def build_indexes(self) -> None:
         for key in ("k_sid", "k_guid", "k_name", "k_upn"):
             self.join_index(key)
-        return self
 
     @classmethod
     def from_records(
@@ -879,10 +869,8 @@ class DeviceTable(Table):
     def user_index(self) -> SortedIndex:
         return self.cached("index:k_user", lambda: SortedIndex.build(self.array("k_user")))
 
-    def prepare(self) -> DeviceTable:
-        if not prepare_deferred():
-            self.user_index()
-        return self
+    def build_indexes(self) -> None:
+        self.user_index()
 
     @classmethod
     def from_records(cls, devices: Iterable[ManagedDevice]) -> DeviceTable:

@@ -94,14 +94,10 @@ _prepare_deferred = False
 
 
 def defer_prepare() -> None:
-    """From now on ``prepare()`` builds nothing in this process: a refresh child hands its table
-    over as column files, and the exporter builds the join indexes when it reads them back."""
+    """From now on ``Table.prepare()`` builds nothing in this process: a refresh child hands its
+    table over as column files, and the exporter builds the join indexes when it reads them back."""
     global _prepare_deferred
     _prepare_deferred = True
-
-
-def prepare_deferred() -> bool:
-    return _prepare_deferred
 
 
 def empty_column(kind: Kind) -> ColumnValue:
@@ -222,6 +218,16 @@ class Table:
         with self._cache_lock:
             stored: _T = self._cache.setdefault(name, value)
             return stored
+
+    def prepare(self) -> Self:
+        """Build the join indexes now (in the refresh thread, not in the evaluation); nothing in a
+        process that hands its tables over (:func:`defer_prepare`)."""
+        if not _prepare_deferred:
+            self.build_indexes()
+        return self
+
+    def build_indexes(self) -> None:
+        """The indexes :meth:`prepare` builds ahead of the evaluation (none by default)."""
 
     # ------------------------------------------------------------------ making new tables
     @classmethod
