@@ -956,6 +956,11 @@ class Session:
         self._cursor: Any = None
         self._socket: SocketRef | None = None
         self._finished = False
+        # While SQLCancel runs in the cancel thread, no handle of this connection is closed (the
+        # driver crashes when the statement it cancels is freed under it): they wait here and the
+        # cancel thread closes them when SQLCancel returns.
+        self._cancelling = False
+        self._close_after_cancel: list[Any] = []
 
     # -- the owning thread
     def open(self) -> None:
@@ -1012,7 +1017,7 @@ class Session:
                 cursor.execute(sql, *params)
                 return cursor
             except self.pyodbc.Error as exc:
-                _close_quietly(cursor)
+                self._release(cursor)
                 text = odbc_error_parts(exc)[1]
                 locked = "database is locked" in text
                 if locked:
@@ -1028,9 +1033,19 @@ class Session:
             if not stopped:
                 self._cursor = cursor
         if stopped:
-            _close_quietly(cursor)
+            self._release(cursor)
             raise Stopped()
         return cursor
+
+    def _release(self, cursor: Any) -> None:
+        """Forget a statement and close its cursor (after a running cancel, see ``__init__``)."""
+        with self._lock:
+            if self._cursor is cursor:
+                self._cursor = None
+            if self._cancelling:
+                self._close_after_cancel.append(cursor)
+                return
+        _close_quietly(cursor)
 
     def batches(self, cursor: Any) -> Iterator[list[Sequence[Any]]]:
         """Stream a result set in batches of fetch_size (no fetchall: the caller converts each
@@ -1045,9 +1060,7 @@ class Session:
                 self.rows_fetched += len(batch)
                 yield batch
         finally:
-            with self._lock:
-                self._cursor = None
-            _close_quietly(cursor)
+            self._release(cursor)
 
     def rows(self, cursor: Any) -> Iterator[Sequence[Any]]:
         for batch in self.batches(cursor):
@@ -1062,12 +1075,13 @@ class Session:
     def close(self) -> None:
         with self._lock:
             self._finished = True
-            cursor, self._cursor = self._cursor, None
-            connection, self._connection = self._connection, None
-        if cursor is not None:
-            _close_quietly(cursor)
-        if connection is not None:
-            _close_quietly(connection)
+            handles = [handle for handle in (self._cursor, self._connection) if handle is not None]
+            self._cursor = self._connection = None
+            if self._cancelling:
+                self._close_after_cancel += handles
+                handles = []
+        for handle in handles:
+            _close_quietly(handle)
 
     def _start(self, phase: str) -> StatementLimit:
         self.phase = phase
@@ -1098,9 +1112,7 @@ class Session:
         try:
             cursor.execute(statement)
         finally:
-            with self._lock:
-                self._cursor = None
-            _close_quietly(cursor)
+            self._release(cursor)
 
     # -- any thread
     def stop(self, reason: StopReason) -> None:
@@ -1110,16 +1122,26 @@ class Session:
                 return
             self.stop_reason = reason
             cursor = self._cursor
+            self._cancelling = cursor is not None
         if cursor is not None:
             # SQLCancel may itself block on a server that stopped answering: never in the caller's
             # thread (the engine's, or the watchdog that must still shut the socket down).
-            threading.Thread(
-                target=_cancel_quietly, args=(cursor,), name="configmgr-cancel", daemon=True
-            ).start()
+            canceller = threading.Thread(
+                target=self._cancel, args=(cursor,), name="configmgr-cancel", daemon=True
+            )
+            canceller.start()
         if self._socket is not None:
             timer = threading.Timer(CANCEL_GRACE, self._shutdown_if_still_running)
             timer.daemon = True
             timer.start()
+
+    def _cancel(self, cursor: Any) -> None:
+        _cancel_quietly(cursor)
+        with self._lock:
+            self._cancelling = False
+            handles, self._close_after_cancel = self._close_after_cancel, []
+        for handle in handles:  # cursors before their connection, in the order they were released
+            _close_quietly(handle)
 
     def _shutdown_if_still_running(self) -> None:
         with self._lock:

@@ -336,3 +336,44 @@ def test_postgres_close_cancels_a_running_look_up(pg_server: postgres.PostgresSe
     assert isinstance(
         source.find_related(upns=["alice@contoso.com"], deadline=time.monotonic() + 60), CmTable
     )
+
+
+def test_no_handle_is_closed_while_a_cancel_runs_on_the_connection():
+    """SQLCancel on a statement freed under it crashes the driver (a segfault seen with psqlODBC when
+    a refresh ended while its cancel was still running): the cursor and the connection that the
+    owning thread releases meanwhile are closed by the cancel thread once SQLCancel returns."""
+    import types
+
+    from exporter.sources.configmgr import Budget, Session
+
+    events: list[str] = []
+    cancel_entered, cancel_release = threading.Event(), threading.Event()
+
+    class Handle:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def cancel(self) -> None:
+            cancel_entered.set()
+            cancel_release.wait(5)
+            events.append(f"cancel {self.name} returned")
+
+        def close(self) -> None:
+            events.append(f"close {self.name}")
+
+    session = Session(types.ModuleType("pyodbc"), "", Budget.until(None, 60), 100, False)
+    cursor, connection = Handle("cursor"), Handle("connection")
+    session._connection = connection
+    session._register(cursor)
+    session.stop("deadline")
+    assert cancel_entered.wait(5)
+    session._release(cursor)  # the statement ended (the refresh thread's finally)
+    session.close()
+    assert events == []  # nothing freed under the running SQLCancel
+    cancel_release.set()
+    deadline = time.monotonic() + 5
+    while len(events) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert events == ["cancel cursor returned", "close cursor", "close connection"]
+    session._release(Handle("later"))  # no cancel running any more: closed at once
+    assert events[-1] == "close later"
