@@ -31,7 +31,7 @@ from exporter.webconfig import WebConfigError, load_web_config
 
 log = logging.getLogger("exporter")
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
-SWITCH_INTERVAL = 0.001
+SWITCH_INTERVAL = 0.0002
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -196,6 +196,14 @@ def serve(args: argparse.Namespace) -> int:
     GCCollector(registry=runtime)
     metrics_renderer = MetricsRenderer(registry, snapshot, runtime)
     app = build_app(metrics_renderer, snapshot, config.user_label)
+    # Work in the background (importing the source libraries right after this, later the decoding
+    # of incremental reads, reading tables back, evaluations) holds the GIL; a serving thread that
+    # waits for it waits up to one switch interval per hand-over, several per request, and the
+    # accepting thread pays it once per connection of a burst (benchmarks/bench_convoy.py: twenty new
+    # connections against a pure-Python background thread, slowest of a burst 98 ms at CPython's
+    # 5 ms, 28 ms at 1 ms, 13-15 ms at 0.2 ms). The shorter interval costs the background work only
+    # while a serving thread is waiting for the GIL.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         server = ExporterHTTPServer(address, app, web_config)
     except OSError as exc:
@@ -229,10 +237,6 @@ def serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
 
-    # Background refreshes of a large estate run pure-Python decoding for minutes; a serving thread
-    # waiting for the GIL waits up to one switch interval per hand-over. 1 ms instead of CPython's
-    # 5 ms keeps a scrape's latency low at a negligible cost to the background work.
-    sys.setswitchinterval(SWITCH_INTERVAL)
     # What exists now (modules, config, clients) lives as long as the process: keep it out of every
     # garbage collection, so a full collection during a refresh stays short; collections were off
     # until now (see main).

@@ -143,6 +143,14 @@ class AdTable(Table):
             changed.add(user.object_guid)
         return _merge(self, builder.build(), changed, "guid")
 
+    def merged_with(self, changes: AdTable, removed: Iterable[bytes]) -> AdTable:
+        """This table with the rows of ``changes`` added or replacing theirs (by objectGUID) and the
+        ``removed`` objectGUIDs dropped; the meta is ``changes``' (what a read of only the changes
+        returned, exporter.sources.isolated)."""
+        changed: set[bytes] = set(removed)
+        changed.update(guid.tobytes() for guid in changes.array("guid"))
+        return _merge(self, changes, changed, "guid")
+
 
 def _adkeys(user: AdUser, netbios: str) -> dict[str, int]:
     name = f"{netbios}\\{user.sam_account_name}" if user.sam_account_name else None

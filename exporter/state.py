@@ -62,7 +62,7 @@ def _buffers(table: Table) -> Iterator[tuple[dict[str, Any], list[memoryview | b
     for col in table.COLUMNS:
         value = table.column(col.name)
         if isinstance(value, Blob):
-            parts: list[memoryview | bytes] = [value.data, value.offsets.data]
+            parts: list[memoryview | bytes] = [memoryview(value.data), value.offsets.data]
             if value.nulls is not None:
                 parts.append(value.nulls.data)
             yield {"name": col.name, "kind": col.kind, "nulls": value.nulls is not None}, parts

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="no UseDeclareFetch=1: psqlODBC then reads every result set into memory at once",
     )
+    run.add_argument(
+        "--backend-nice",
+        type=int,
+        default=10,
+        help="niceness of slapd, PostgreSQL, the Graph simulator and the change set (0: equal footing)",
+    )
     run.add_argument("--json", dest="json_out", type=Path, help="also write the results as JSON")
     generate = commands.add_parser("generate", help="only write the estate files and truth.json")
     _add_common(generate)
@@ -96,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         connector_critical=args.connector_critical,
         discovery_critical=args.discovery_critical,
         json_out=args.json_out,
+        backend_nice=args.backend_nice,
     )
     results = run(options)
     return 0 if all(check.ok for check in results.checks) else 1

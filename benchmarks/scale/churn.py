@@ -25,6 +25,7 @@ from typing import Any
 from benchmarks.scale.cmdb import PostgresServer
 from benchmarks.scale.estate import NETBIOS, TENANT_ID, UPN_SUFFIX, graph_time, ldap_time
 from benchmarks.scale.graph import GraphService
+from benchmarks.scale.priority import niced
 from benchmarks.scale.slapd import MANAGER_DN, SlapdServer
 from tests.entra.tenant_data import INTUNE_A_SKU
 
@@ -86,18 +87,20 @@ def _apply_ad(churn: Victims, slapd: SlapdServer, graph: Any, cm: Any, now: floa
     changes = slapd.root / "churn.ldif"
     changes.write_text("\n".join(blocks))
     subprocess.run(
-        [
-            "ldapmodify",
-            "-H",
-            slapd.ldaps_url,
-            "-x",
-            "-D",
-            MANAGER_DN,
-            "-w",
-            slapd.manager_password,
-            "-f",
-            str(changes),
-        ],
+        niced(
+            [
+                "ldapmodify",
+                "-H",
+                slapd.ldaps_url,
+                "-x",
+                "-D",
+                MANAGER_DN,
+                "-w",
+                slapd.manager_password,
+                "-f",
+                str(changes),
+            ]
+        ),
         check=True,
         capture_output=True,
         env={**os.environ, "LDAPTLS_CACERT": str(slapd.ca_file), "LDAPTLS_REQCERT": "demand"},

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.scale.estate import EstateFiles
+from benchmarks.scale.priority import niced
 from benchmarks.scale.slapd import free_port
 from tests.configmgr.cmdb import USER_DISC_COLUMNS, schema
 
@@ -45,7 +46,7 @@ class PostgresServer:
         self._started = False
 
     def _run(self, *args: str, stdin: Any = None, timeout: float = 600) -> subprocess.CompletedProcess[bytes]:
-        command = list(args)
+        command = niced(list(args))
         if self._as_postgres:
             command = ["runuser", "-u", "postgres", "--", *command]
         return subprocess.run(command, check=True, capture_output=True, stdin=stdin, timeout=timeout)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.scale.estate import EstateFiles
+from benchmarks.scale.priority import niced
 
 REPO = Path(__file__).resolve().parents[2]
 TENANT_DOCUMENT = "graph_tenant_document.json"
@@ -70,10 +71,12 @@ class GraphService:
         self.root.mkdir(parents=True, exist_ok=True)
         document = tenant_document(self.estate_dir)
         self._process = subprocess.Popen(
-            [
-                *(sys.executable, "-m", "tests.entra.graph_sim", "serve", "--port", "0"),
-                *("--cert-dir", str(self.root), "--tenant-file", str(document)),
-            ],
+            niced(
+                [
+                    *(sys.executable, "-m", "tests.entra.graph_sim", "serve", "--port", "0"),
+                    *("--cert-dir", str(self.root), "--tenant-file", str(document)),
+                ]
+            ),
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
             stdout=subprocess.PIPE,

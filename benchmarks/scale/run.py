@@ -53,6 +53,7 @@ from benchmarks.scale.exporter_proc import (
 from benchmarks.scale.floor import Floor, measure_floor
 from benchmarks.scale.graph import REPO, GraphService
 from benchmarks.scale.metrics import CheckResult, SourceStatus, check_truth
+from benchmarks.scale.priority import run_niced, set_backend_niceness
 from benchmarks.scale.procmon import Sampler, state_size
 from benchmarks.scale.slapd import SlapdServer
 
@@ -79,6 +80,7 @@ class Options:
     connector_critical: bool = False
     discovery_critical: bool = False
     json_out: Path | None = None
+    backend_nice: int = 10  # see priority.py
 
     @property
     def directory(self) -> Path:
@@ -502,7 +504,9 @@ class Driver:
         results, servers = self.results, self.servers
         graph_before = servers.graph.request_counts()
         say("applying the 1% change set")
-        applied: ChurnReport = apply_churn(self.churn, servers.slapd, servers.graph, servers.cm)
+        applied: ChurnReport = run_niced(
+            lambda: apply_churn(self.churn, servers.slapd, servers.graph, servers.cm)
+        )
         done = time.time()
         ldap_after_churn = servers.slapd.log_offset()
         results.phases["churn"] = vars(applied)
@@ -688,6 +692,7 @@ class Driver:
 
 
 def run(options: Options) -> Results:
+    set_backend_niceness(options.backend_nice)
     results = Driver(options).run()
     for line in report.render(results):
         print(line)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.scale.estate import DOMAIN_DN, SERVICE_DN, b64, ldap_time
+from benchmarks.scale.priority import niced
 
 SLAPD = "/usr/sbin/slapd"
 SLAPADD = "/usr/sbin/slapadd"
@@ -252,15 +253,17 @@ index objectGUID eq
     def start(self, timeout: float = 60.0) -> None:
         self._log_handle = self.log_path.open("ab")
         self._process = subprocess.Popen(
-            [
-                SLAPD,
-                "-d",
-                "256",  # stats: one line per operation and result; keeps slapd in the foreground
-                "-h",
-                f"{self.ldap_url}/ {self.ldaps_url}/",
-                "-f",
-                str(self.conf),
-            ],
+            niced(
+                [
+                    SLAPD,
+                    "-d",
+                    "256",  # stats: one line per operation and result; keeps slapd in the foreground
+                    "-h",
+                    f"{self.ldap_url}/ {self.ldaps_url}/",
+                    "-f",
+                    str(self.conf),
+                ]
+            ),
             stdout=self._log_handle,
             stderr=subprocess.STDOUT,
         )

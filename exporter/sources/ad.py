@@ -67,12 +67,14 @@ from exporter.sources.ad_sync import (
     Scope,
 )
 from exporter.sources.base import ConfigurationError, SourceError
+from exporter.sources.isolated import CHANGES_ONLY
 
 log = logging.getLogger(__name__)
 
 META_ENTRIES_READ = "entries_read"
 META_EMPTY_BASES = "empty_bases"
 META_WARNING = "warning"
+META_REMOVED = "removed"  # objectGUIDs (hex) that left, in a table of only the changes
 _AT_DEADLINE = 0.1  # seconds: a call that timed out this close to the deadline timed out because of it
 
 
@@ -277,7 +279,7 @@ class ActiveDirectorySource:
             )
             visible = ad_sync.deletions_visible(session, root)
             table.meta[META_DELETIONS] = DELETIONS_EXACT if visible else DELETIONS_LAG
-        self._set_warning(table, scope, empty, previous_warning=None)
+        self._set_warning(table, empty, previous_warning=None)
         return table
 
     def _incremental(
@@ -285,6 +287,7 @@ class ActiveDirectorySource:
     ) -> AdTable:
         before = DcState.from_meta(previous.meta.get(META_DC))
         assert before is not None  # full_read_reason checked it
+        changes_only = bool(previous.meta.get(CHANGES_ONLY))  # previous: an empty table, the held one's meta
         meta = dict(previous.meta)
         if dc.usn == before.usn:
             table = previous.derive(previous.columns(), previous.children, meta)  # nothing committed since
@@ -294,6 +297,8 @@ class ActiveDirectorySource:
             changes = ad_sync.read_changes(session, root, scope, before.usn + 1, known, skipped)
             self._report_skipped(skipped)
             table = previous.with_changes(changes.upserts.values(), changes.removed)
+            if changes_only:
+                meta[META_REMOVED] = sorted(guid.hex() for guid in changes.removed)
             meta[META_CONTAINERS] = sorted(changes.containers)
             # A base that had no user stops being reported once a changed user shows up under it.
             meta[META_EMPTY_BASES] = [
@@ -310,26 +315,47 @@ class ActiveDirectorySource:
                 table.n,
             )
         table.meta.update(read="incremental", **{META_DC: dc.to_meta()})
-        empty = list(table.meta.get(META_EMPTY_BASES) or ())
-        self._set_warning(table, scope, empty, previous_warning=previous.meta.get(META_WARNING))
+        if not changes_only:  # else the parent warns, from the merged table (settle)
+            empty = list(table.meta.get(META_EMPTY_BASES) or ())
+            self._set_warning(table, empty, previous_warning=previous.meta.get(META_WARNING))
         return table
 
-    def _set_warning(
-        self, table: AdTable, scope: Scope, empty_bases: Sequence[str], previous_warning: object
-    ) -> None:
+    # -- in a child process (exporter.sources.isolated) -------------------------------------
+    def child_refresh(self, previous: SourceData | None) -> tuple[bool, SourceData | None]:
+        """Always in a child. A full read when there is nothing to continue from; otherwise the
+        child is given an empty table with the held table's meta and hands back only the users that
+        changed and the objectGUIDs that left (:meth:`settle` merges them), or a full table when
+        it had to read everything (another DC, a USN gone backwards, a changed scope)."""
+        if not isinstance(previous, AdTable):
+            return True, None
+        return True, AdTable.empty(meta={**previous.meta, CHANGES_ONLY: True})
+
+    def settle(self, previous: SourceData | None, result: SourceData) -> SourceData:
+        """The held table with a child's changes merged in; a full read as it came."""
+        if not isinstance(result, AdTable) or not result.meta.get(CHANGES_ONLY):
+            return result
+        if not isinstance(previous, AdTable):
+            raise SourceError("other", f"{self.describe()}: changes came back for data that is not held")
+        meta = {key: value for key, value in result.meta.items() if key not in (CHANGES_ONLY, META_REMOVED)}
+        removed = [bytes.fromhex(guid) for guid in result.meta.get(META_REMOVED) or ()]
+        table = previous.merged_with(result.derive(result.columns(), result.children, meta), removed)
+        empty = list(table.meta.get(META_EMPTY_BASES) or ())
+        self._set_warning(table, empty, previous_warning=previous.meta.get(META_WARNING))
+        return table
+
+    def _set_warning(self, table: AdTable, empty_bases: Sequence[str], previous_warning: object) -> None:
         """Say when the scope finds no user at all (or none under a base): a wrong base or filter
         (e.g. the default objectCategory=person on a directory where objectCategory is a DN)."""
         where = f"on {self.endpoint}"
+        user_filter = self.config.user_filter
         if table.n == 0:
-            bases = "; ".join(scope.search_bases)
+            bases = "; ".join(self.config.search_bases)
             warning = (
-                f"no user under {bases} matches user_filter {scope.user_filter} {where}: "
+                f"no user under {bases} matches user_filter {user_filter} {where}: "
                 "check search_bases and user_filter"
             )
         elif empty_bases:
-            warning = (
-                f"no user under {'; '.join(empty_bases)} matches user_filter {scope.user_filter} {where}"
-            )
+            warning = f"no user under {'; '.join(empty_bases)} matches user_filter {user_filter} {where}"
         else:
             table.meta.pop(META_WARNING, None)
             return

@@ -15,6 +15,7 @@ from exporter.engine import Engine
 from exporter.model import OrganizationData
 from exporter.pipelines import evaluation as evaluation_module
 from exporter.sources.base import SourceError
+from exporter.sources.isolated import Recipe
 from exporter.state import StateStore
 from tests.builders import ad, ad_user, cm, cm_for, entra, entra_for
 from tests.fakes import Clock, FakeSource, blocking
@@ -388,3 +389,82 @@ def test_a_published_snapshot_carries_its_summary_already_computed():
     with mock.patch.object(evaluation_module, "_summarise", side_effect=AssertionError("computed late")):
         summary = snapshot.estates[0].evaluation.summary(snapshot.taken_at)
     assert summary.at == snapshot.taken_at and sum(summary.users.values()) > 0
+
+
+class InProcessSource(FakeSource):
+    """A configured source (it has a recipe) whose refreshes run in this process, as AD's and
+    Entra's incremental reads do."""
+
+    def __init__(self, kind, behaviour):
+        super().__init__(kind, behaviour)
+        self.isolation_recipe = Recipe(EstateConfig(name="contoso"), kind)
+
+    def child_refresh(self, previous):
+        return False, None
+
+
+def test_configured_sources_decode_in_this_process_one_at_a_time():
+    running, overlaps = [], []
+    lock = threading.Lock()
+
+    def reading(data):
+        def read(previous):
+            with lock:
+                running.append(1)
+                overlaps.append(len(running))
+            time.sleep(0.2)
+            with lock:
+                running.pop()
+            return data
+
+        return read
+
+    ad_data, entra_data, _ = make_estate()
+    sources = [InProcessSource("ad", reading(ad_data)), InProcessSource("entra", reading(entra_data))]
+    engine = engine_with(sources, refresh_timeout=5)
+    threads = [threading.Thread(target=engine.refresh, args=("contoso", s.kind)) for s in sources]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlaps == [1, 1]
+    assert all(s.up for s in engine.snapshot().estates[0].sources.values() if s.kind in ("ad", "entra"))
+
+
+def test_test_doubles_without_a_recipe_are_not_made_to_wait():
+    both_running = threading.Barrier(2, timeout=5)
+
+    def meet(data):
+        def read(previous):
+            both_running.wait()  # breaks (an error) if the other read cannot run at the same time
+            return data
+
+        return read
+
+    ad_data, entra_data, _ = make_estate()
+    sources = [FakeSource("ad", meet(ad_data)), FakeSource("entra", meet(entra_data))]
+    engine = engine_with(sources, refresh_timeout=10)
+    threads = [threading.Thread(target=engine.refresh, args=("contoso", s.kind)) for s in sources]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    statuses = engine.snapshot().estates[0].sources
+    assert statuses["ad"].up and statuses["entra"].up
+
+
+def test_waiting_for_another_in_process_read_counts_against_the_deadline():
+    release = threading.Event()
+    _, entra_data, _ = make_estate()
+    slow = InProcessSource("ad", blocking(release))
+    waiting = InProcessSource("entra", entra_data)
+    engine = engine_with([slow, waiting], refresh_timeout=0.3)
+    holder = threading.Thread(target=engine.refresh, args=("contoso", "ad"))
+    holder.start()
+    time.sleep(0.05)  # the AD read holds the turn
+    engine.refresh("contoso", "entra")
+    status = engine.snapshot().estates[0].sources["entra"]
+    assert status.errors["timeout"] == 1 and not status.up
+    assert waiting.calls == 0  # never started reading after its deadline
+    release.set()
+    holder.join()
