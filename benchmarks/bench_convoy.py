@@ -17,6 +17,7 @@ burst of twenty waits about forty switch intervals.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -29,29 +30,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from exporter.httpserver import ExporterHTTPServer, Request, Response, serve_forever_in_thread
+from exporter.turns import step_aside
 from exporter.webconfig import WebConfig
 
 BODY = b"# a /metrics body of the demo's size\n" * 280
 
 
-def _python_work(stop: threading.Event) -> None:
+def _python_work(stop: threading.Event, step: Callable[[], None] = lambda: None) -> None:
     while not stop.is_set():
+        step()
         table = {}
         for number in range(2000):
             table[number] = str(number)
 
 
-def _numpy_work(stop: threading.Event) -> None:
+def _numpy_work(stop: threading.Event, step: Callable[[], None] = lambda: None) -> None:
     import numpy as np
 
     keys = np.random.default_rng(1).integers(0, 1 << 60, 500_000)
     while not stop.is_set():
+        step()
         np.unique(keys, return_inverse=True)
+        step()
         np.cumsum(keys)
+        step()
         keys[keys % 7 == 0].sum()
 
 
-WORK: dict[str, Callable[[threading.Event], None]] = {"python": _python_work, "numpy": _numpy_work}
+# "-turns": the same work stepping aside between steps while connections are served (exporter.turns)
+WORK: dict[str, Callable[[threading.Event], None]] = {
+    "python": _python_work,
+    "numpy": _numpy_work,
+    "python-turns": functools.partial(_python_work, step=step_aside),
+    "numpy-turns": functools.partial(_numpy_work, step=step_aside),
+}
 
 
 def burst(url: str, connections: int) -> list[float]:

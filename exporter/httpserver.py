@@ -40,6 +40,7 @@ from urllib.parse import parse_qs, urlsplit
 import bcrypt
 
 import exporter
+from exporter.turns import serving
 from exporter.webconfig import RateLimit, WebConfig
 
 log = logging.getLogger(__name__)
@@ -373,15 +374,20 @@ class ExporterHTTPServer:
 
     def _serve_connection(self, connection: _Connection) -> None:
         stream: Stream = connection.sock
+        # Heavy work in this process steps aside while a new connection is served, up to its first
+        # answer (TLS handshake included), and while a kept-alive one answers (exporter.turns).
+        first_answer = contextlib.ExitStack()
+        first_answer.enter_context(serving())
         try:
             if self.web_config.tls is not None:
                 stream = self.web_config.tls.accept(connection.sock)
-            _Exchange(self, connection, stream).run()
+            _Exchange(self, connection, stream, first_answer).run()
         except (ConnectionError, TimeoutError, OSError) as exc:
             log.debug("connection from %s ended: %s", connection.address, exc)
         except Exception:
             log.exception("unexpected error on the connection from %s", connection.address)
         finally:
+            first_answer.close()
             with contextlib.suppress(OSError):
                 stream.close()
             self.connections.remove(connection)
@@ -427,7 +433,14 @@ _VERSION = re.compile(r"HTTP/1\.([01])")
 class _Exchange:
     """The request/response loop of one connection (HTTP/1.1 with keep-alive, or HTTP/1.0)."""
 
-    def __init__(self, server: ExporterHTTPServer, connection: _Connection, stream: Stream) -> None:
+    def __init__(
+        self,
+        server: ExporterHTTPServer,
+        connection: _Connection,
+        stream: Stream,
+        first_answer: contextlib.ExitStack[bool | None] | None = None,
+    ) -> None:
+        self.first_answer = first_answer or contextlib.ExitStack()
         self.server = server
         self.connection = connection
         self.stream = stream
@@ -445,13 +458,16 @@ class _Exchange:
             except ClientError as exc:
                 log.debug("bad request from %s: %s", self.connection.address, exc)
                 self._send(Response(exc.status, f"{exc}\n".encode(), TEXT), head_only=False, keep_alive=False)
+                self.first_answer.close()
                 self._drain()
                 return
             self.connection.waiting_since = None
             self.connection.deadline = float("inf")  # the app's time is ours, not the client's
-            response = self.server.respond(request)
-            self.connection.deadline = time.monotonic() + self.limits.write_timeout
-            self._send(response, head_only=request.method == "HEAD", keep_alive=keep_alive)
+            with serving():
+                response = self.server.respond(request)
+                self.connection.deadline = time.monotonic() + self.limits.write_timeout
+                self._send(response, head_only=request.method == "HEAD", keep_alive=keep_alive)
+            self.first_answer.close()
             if not keep_alive or self.connection.aborted:
                 return
             self.connection.waiting_since = time.monotonic()

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal, Self, TypeVar
 import numpy as np
 
 from exporter.columns import GUID, I64, Array, Blob, BlobBuilder
+from exporter.turns import step_aside
 
 Kind = Literal["f8", "i8", "i4", "i2", "i1", "bool", "u64", "guid", "text", "bytes", "cat"]
 NUMPY_KINDS: dict[str, np.dtype[Any]] = {
@@ -113,12 +114,14 @@ def column_length(value: ColumnValue) -> int:
 
 
 def take_column(value: ColumnValue, rows: I64) -> ColumnValue:
+    step_aside()  # a column of a large table is one step of heavy work (exporter.turns)
     if isinstance(value, Blob | Categorical):
         return value.take(rows)
     return value[rows]
 
 
 def concat_columns(kind: Kind, parts: Sequence[ColumnValue]) -> ColumnValue:
+    step_aside()
     if kind in ("text", "bytes"):
         return Blob.concat([p for p in parts if isinstance(p, Blob)])
     if kind == "cat":

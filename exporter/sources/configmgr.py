@@ -78,7 +78,7 @@ from typing import Any, Literal
 import numpy as np
 
 from exporter.columns import GUID as GUID_DTYPE
-from exporter.columns import MAX_TEXT_BYTES, Blob, guid_keys, text_keys
+from exporter.columns import MAX_TEXT_BYTES, Blob, guid_keys, same_bytes, text_keys
 from exporter.config import ConfigMgrConfig
 from exporter.ids import epoch_seconds, guid_bytes, guid_text, sid_text
 from exporter.model import CmComponent, CmTable, CmTableBuilder, CmUser, ErrorReason, SourceData, SourceKind
@@ -1687,13 +1687,14 @@ def same_content(first: CmTable, second: CmTable) -> bool:
     for column in CmTable.COLUMNS:
         a, b = first.column(column.name), second.column(column.name)
         if isinstance(a, Blob) and isinstance(b, Blob):
-            if a.data != b.data or not np.array_equal(a.offsets, b.offsets):
+            if not same_bytes(a.data, b.data) or not np.array_equal(a.offsets, b.offsets):
                 return False
             if not np.array_equal(a.null_mask(), b.null_mask()):
                 return False
         elif isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
             # Bytes, not values: NaN (an unknown time) equals itself here.
-            if a.dtype != b.dtype or a.tobytes() != b.tobytes():
+            bytes_a, bytes_b = np.ascontiguousarray(a).data.cast("B"), np.ascontiguousarray(b).data.cast("B")
+            if a.dtype != b.dtype or not same_bytes(bytes_a, bytes_b):
                 return False
         else:
             return False

@@ -79,6 +79,7 @@ from exporter.sources.graph_records import (
     user_id_of,
     user_properties,
 )
+from exporter.turns import step_aside
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +281,7 @@ class EntraUsersSource(GraphSource):
                 raise
             pages += 1
             for item in page_values(body, self.client.graph_host, url):
+                step_aside()  # an incremental read decodes in the serving process (exporter.turns)
                 self._collect(changes, item)
             try:
                 delta_link = self.client.next_link(body, "@odata.deltaLink", seen)
@@ -318,6 +320,7 @@ class EntraUsersSource(GraphSource):
         upserts: list[EntraUser] = []
         removed: list[str] = []
         for user_id, item in changes.items():
+            step_aside()
             if item is None:
                 removed.append(user_id)
                 continue

@@ -28,6 +28,7 @@ from exporter.columns import (
     guid_order_key,
     join_buffers,
     safe_take,
+    same_bytes,
     text_key,
     text_keys,
 )
@@ -524,3 +525,15 @@ def test_joining_a_large_column_lets_other_threads_run_meanwhile():
     # One C call (b"".join) leaves the ticker without a turn for the whole copy (measured: 86% of it).
     longest_wait = max(b - a for a, b in itertools.pairwise(moments))
     assert longest_wait < 0.5 * (ended - started), (longest_wait, ended - started)
+
+
+def test_same_bytes_compares_every_step_of_any_kind_of_buffer():
+    data = os.urandom(COPY_STEP * 3 + 5)
+    assert same_bytes(data, memoryview(bytearray(data)))
+    changed = bytearray(data)
+    changed[-1] ^= 1  # in the last, short step
+    assert not same_bytes(data, changed)
+    assert not same_bytes(data, data[:-1])
+    assert same_bytes(b"", memoryview(b""))
+    numbers = np.array([1.5, np.nan], dtype=np.float64)
+    assert same_bytes(numbers.data.cast("B"), numbers.copy().data.cast("B"))  # NaN equals itself here
