@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10,
         help="niceness of slapd, PostgreSQL, the Graph simulator and the change set (0: equal footing)",
     )
+    run.add_argument(
+        "--no-backend-idle",
+        dest="backend_idle",
+        action="store_false",
+        help="servers and change set in the normal scheduling class, not SCHED_IDLE",
+    )
     run.add_argument("--json", dest="json_out", type=Path, help="also write the results as JSON")
     generate = commands.add_parser("generate", help="only write the estate files and truth.json")
     _add_common(generate)
@@ -103,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         discovery_critical=args.discovery_critical,
         json_out=args.json_out,
         backend_nice=args.backend_nice,
+        backend_idle=args.backend_idle,
     )
     results = run(options)
     return 0 if all(check.ok for check in results.checks) else 1

@@ -53,7 +53,7 @@ from benchmarks.scale.exporter_proc import (
 from benchmarks.scale.floor import Floor, measure_floor
 from benchmarks.scale.graph import REPO, GraphService
 from benchmarks.scale.metrics import CheckResult, SourceStatus, check_truth
-from benchmarks.scale.priority import run_niced, set_backend_niceness
+from benchmarks.scale.priority import run_niced, set_backend_priority
 from benchmarks.scale.procmon import Sampler, state_size
 from benchmarks.scale.slapd import SlapdServer
 
@@ -81,6 +81,7 @@ class Options:
     discovery_critical: bool = False
     json_out: Path | None = None
     backend_nice: int = 10  # see priority.py
+    backend_idle: bool = True
 
     @property
     def directory(self) -> Path:
@@ -692,7 +693,7 @@ class Driver:
 
 
 def run(options: Options) -> Results:
-    set_backend_niceness(options.backend_nice)
+    set_backend_priority(options.backend_nice, options.backend_idle)
     results = Driver(options).run()
     for line in report.render(results):
         print(line)
