@@ -201,7 +201,7 @@ def serve(args: argparse.Namespace) -> int:
     # waits for it waits up to one switch interval per hand-over, several per request, and the
     # accepting thread pays it once per connection of a burst (benchmarks/bench_convoy.py: twenty new
     # connections against a pure-Python background thread, slowest of a burst 98 ms at CPython's
-    # 5 ms, 28 ms at 1 ms, 13-15 ms at 0.2 ms). The shorter interval costs the background work only
+    # 5 ms, 28 ms at 1 ms, 13-19 ms at 0.2 ms). The shorter interval costs the background work only
     # while a serving thread is waiting for the GIL.
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
