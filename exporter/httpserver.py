@@ -438,9 +438,9 @@ class _Exchange:
         server: ExporterHTTPServer,
         connection: _Connection,
         stream: Stream,
-        first_answer: contextlib.ExitStack[bool | None] | None = None,
+        first_answer: contextlib.ExitStack[bool | None],
     ) -> None:
-        self.first_answer = first_answer or contextlib.ExitStack()
+        self.first_answer = first_answer  # closed once the first answer is sent
         self.server = server
         self.connection = connection
         self.stream = stream

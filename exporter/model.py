@@ -136,17 +136,11 @@ class AdTable(Table):
 
     def with_changes(self, upserts: Iterable[AdUser], removed: Iterable[bytes]) -> AdTable:
         """This table with users added or replaced (by objectGUID) and others removed."""
-        builder = AdTableBuilder(self.netbios_domain)
-        changed: set[bytes] = set(removed)
-        for user in upserts:
-            builder.add(user)
-            changed.add(user.object_guid)
-        return _merge(self, builder.build(), changed, "guid")
+        return self.merged_with(AdTable.from_records(upserts, self.netbios_domain), removed)
 
     def merged_with(self, changes: AdTable, removed: Iterable[bytes]) -> AdTable:
         """This table with the rows of ``changes`` added or replacing theirs (by objectGUID) and the
-        ``removed`` objectGUIDs dropped; the meta is ``changes``' (what a read of only the changes
-        returned, exporter.sources.isolated)."""
+        ``removed`` objectGUIDs dropped; ``changes``' meta wins."""
         changed: set[bytes] = set(removed)
         changed.update(guid.tobytes() for guid in changes.array("guid"))
         return _merge(self, changes, changed, "guid")

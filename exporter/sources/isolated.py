@@ -462,8 +462,12 @@ def _answer(data: SourceData, previous: SourceData | None, path: Path, state: An
         return ("data", data, state)
     if previous is not None and data is previous:
         return ("same", state)
-    comparable = isinstance(previous, Table) and type(data) is type(previous)
-    if comparable and not data.meta.get(CHANGES_ONLY) and content_key(data) == content_key(previous):  # type: ignore[arg-type]
+    if (
+        isinstance(previous, Table)
+        and type(data) is type(previous)
+        and not data.meta.get(CHANGES_ONLY)
+        and content_key(data) == content_key(previous)
+    ):
         return ("meta", dict(data.meta), state)
     write_table(path, data)
     return ("table", dict(data.meta), state)

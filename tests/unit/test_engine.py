@@ -403,6 +403,15 @@ class InProcessSource(FakeSource):
         return False, None
 
 
+def refresh_at_once(engine, sources):
+    """Each source's refresh started in a thread of its own at the same time; returns when all ended."""
+    threads = [threading.Thread(target=engine.refresh, args=("contoso", s.kind)) for s in sources]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def test_configured_sources_decode_in_this_process_one_at_a_time():
     running, overlaps = [], []
     lock = threading.Lock()
@@ -422,11 +431,7 @@ def test_configured_sources_decode_in_this_process_one_at_a_time():
     ad_data, entra_data, _ = make_estate()
     sources = [InProcessSource("ad", reading(ad_data)), InProcessSource("entra", reading(entra_data))]
     engine = engine_with(sources, refresh_timeout=5)
-    threads = [threading.Thread(target=engine.refresh, args=("contoso", s.kind)) for s in sources]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    refresh_at_once(engine, sources)
     assert overlaps == [1, 1]
     assert all(s.up for s in engine.snapshot().estates[0].sources.values() if s.kind in ("ad", "entra"))
 
@@ -444,11 +449,7 @@ def test_test_doubles_without_a_recipe_are_not_made_to_wait():
     ad_data, entra_data, _ = make_estate()
     sources = [FakeSource("ad", meet(ad_data)), FakeSource("entra", meet(entra_data))]
     engine = engine_with(sources, refresh_timeout=10)
-    threads = [threading.Thread(target=engine.refresh, args=("contoso", s.kind)) for s in sources]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    refresh_at_once(engine, sources)
     statuses = engine.snapshot().estates[0].sources
     assert statuses["ad"].up and statuses["entra"].up
 
