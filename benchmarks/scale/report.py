@@ -111,8 +111,7 @@ def render(results: Results) -> list[str]:
         "loading: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.load_seconds.items()),
         f"load average (1/5/15 min): {r.load_average.get('start')} at start, "
         f"{r.load_average.get('end')} at end",
-        f"servers and change set at niceness {r.options.get('backend_nice', '0')}"
-        + (", SCHED_IDLE" if r.options.get("backend_idle") == "True" else "")
+        f"servers and change set: {r.options.get('backend_priority', 'niceness 0, normal class')}"
         + " (exporter, scrapers: niceness 0, normal class)",
     ]
     phases = r.phases

@@ -53,7 +53,7 @@ from benchmarks.scale.exporter_proc import (
 from benchmarks.scale.floor import Floor, measure_floor
 from benchmarks.scale.graph import REPO, GraphService
 from benchmarks.scale.metrics import CheckResult, SourceStatus, check_truth
-from benchmarks.scale.priority import run_niced, set_backend_priority
+from benchmarks.scale.priority import describe, run_niced, scheduler_groups_off, set_backend_priority
 from benchmarks.scale.procmon import Sampler, state_size
 from benchmarks.scale.slapd import SlapdServer
 
@@ -307,7 +307,7 @@ class Driver:
         self.truth_after = Truth.from_json(document["truth_after_churn"])
         self.churn = json.loads((self.estate_dir / EstateFiles.CHURN).read_text())
         results = Results(
-            options={k: str(v) for k, v in vars(self.options).items()},
+            options={k: str(v) for k, v in vars(self.options).items()} | {"backend_priority": describe()},
             estate={
                 "ad_users_in_scope": self.truth.records["ad"],
                 "entra_users": self.truth.records["entra"],
@@ -694,7 +694,8 @@ class Driver:
 
 def run(options: Options) -> Results:
     set_backend_priority(options.backend_nice, options.backend_idle)
-    results = Driver(options).run()
+    with scheduler_groups_off():
+        results = Driver(options).run()
     for line in report.render(results):
         print(line)
     if options.json_out is not None:

@@ -25,19 +25,23 @@ def intune_plan_ids(organization: OrganizationData, plans: Iterable[str]) -> dic
 
 
 def _per_pair(entries: Table, verdict: dict[tuple[str, str], bool]) -> Bools:
-    """Evaluate a verdict per distinct (sku, disabled plans) pair and spread it over the entries."""
+    """Evaluate a verdict per distinct (sku, disabled plans) pair and spread it over the entries.
+
+    The pairs are numbered from the two vocabularies (tens of values each), so one look-up table of
+    every possible pair replaces sorting the entries (a 500,000-entry ``np.unique`` took 35 ms of a
+    core that the scrapes share)."""
     sku, disabled = entries.cat("sku"), entries.cat("disabled")
     if entries.n == 0:
         return np.zeros(0, dtype=np.bool_)
-    pair = sku.codes.astype(np.int64) * (len(disabled.vocab) + 1) + (disabled.codes.astype(np.int64) + 1)
-    unique, inverse = np.unique(pair, return_inverse=True)
-    outcome = np.zeros(len(unique), dtype=np.bool_)
-    for i, code in enumerate(unique):
-        sku_code, disabled_code = divmod(int(code), len(disabled.vocab) + 1)
-        sku_id = sku.vocab[sku_code] if sku_code >= 0 else ""
+    width = len(disabled.vocab) + 1  # code -1 (none) becomes 0
+    pair = (sku.codes.astype(np.int64) + 1) * width + (disabled.codes.astype(np.int64) + 1)
+    outcome = np.zeros((len(sku.vocab) + 1) * width, dtype=np.bool_)
+    for code in np.flatnonzero(np.bincount(pair, minlength=len(outcome))).tolist():
+        sku_code, disabled_code = divmod(code, width)
+        sku_id = sku.vocab[sku_code - 1] if sku_code > 0 else ""
         plans = disabled.vocab[disabled_code - 1] if disabled_code > 0 else ""
-        outcome[i] = verdict.get((sku_id.lower(), plans), False)
-    return outcome[inverse]
+        outcome[code] = verdict.get((sku_id.lower(), plans), False)
+    return outcome[pair]
 
 
 def _verdicts(

@@ -44,6 +44,7 @@ import contextlib
 import logging
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import select
 import shutil
@@ -139,7 +140,36 @@ def _forkserver() -> Any:
             # Never '__main__' (the default): the exporter's entry point is no module to re-run.
             context.set_forkserver_preload(_PRELOAD)
             _context = context
-        return _context
+    _ensure_forkserver_running()
+    return _context
+
+
+def _ensure_forkserver_running() -> None:
+    """Start the forkserver (with multiprocessing's resource tracker) unless it runs, from a thread
+    at CHILD_NICENESS: a process inherits the niceness of the thread that forks it (Linux sets it per
+    thread), so the forkserver's import of the source libraries (half a CPU-second, while the first
+    scrapes arrive) and every child forked from it come second to the serving threads. Nothing else
+    runs in that thread, which ends with the start. A running forkserver costs a thread start here."""
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            lower_priority(threading.get_native_id())
+            multiprocessing.forkserver.ensure_running()
+        except BaseException as exc:  # raised again in the refresh's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=start, name="forkserver-start", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def lower_priority(task: int = 0) -> None:
+    """Give ``task`` (a thread id on Linux; 0: the calling process) at least CHILD_NICENESS."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, task, max(CHILD_NICENESS, os.getpriority(os.PRIO_PROCESS, task)))
 
 
 def scratch_root() -> str:
@@ -377,9 +407,9 @@ def child_main(
     """The child process: build the source, refresh, hand the result over (see the module doc)."""
     _end_with_exporter(exporter_pid)
     defer_prepare()  # the indexes are not handed over: the parent builds them from the result
-    with contextlib.suppress(OSError):
-        # A refresh is batch work: when both compete for a core, the serving process comes first.
-        os.nice(CHILD_NICENESS)
+    # A refresh is batch work: when both compete for a core, the serving process comes first. (The
+    # forkserver runs at this niceness already; a forkserver started by an older exporter may not.)
+    lower_priority()
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

@@ -9,6 +9,8 @@ refresh the way an in-process refresh ends.
 from __future__ import annotations
 
 import logging
+import multiprocessing.forkserver
+import os
 import threading
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from exporter.model import EntraTable
 from exporter.sources.base import SourceError
 from exporter.sources.entra import EntraUsersSource
 from exporter.sources.factory import build_estate_sources, build_source
-from exporter.sources.isolated import ChildRefresh, plan, recipe_of, scratch_root
+from exporter.sources.isolated import CHILD_NICENESS, ChildRefresh, _forkserver, plan, recipe_of, scratch_root
 from tests.entra import tenant_data
 from tests.entra.graph_sim import GraphSimulator
 
@@ -162,3 +164,24 @@ def test_the_engine_refreshes_factory_sources_in_children_and_times_them_out(
     finally:
         sim.clear_faults()
         source.close()
+
+
+def _report_niceness(connection: Any) -> None:
+    connection.send(os.getpriority(os.PRIO_PROCESS, 0))
+
+
+def test_the_forkserver_and_its_children_run_at_the_refresh_niceness() -> None:
+    caller = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    context = _forkserver()
+    pid = multiprocessing.forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    assert int(fields[16]) >= CHILD_NICENESS  # field 19 of stat: nice
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == caller  # not lowered here
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_report_niceness, args=(sender,), daemon=True)
+    child.start()
+    try:
+        assert receiver.poll(30)
+        assert receiver.recv() == CHILD_NICENESS  # not lowered twice
+    finally:
+        child.join(10)

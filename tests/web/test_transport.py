@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from exporter.httpserver import Limits, Request, Response, _Workers
+from exporter.httpserver import READY_WORKERS, Limits, Request, Response, _Workers
 from exporter.webapp import SharedRendering
 from exporter.webconfig import RateLimit, WebConfig
 
@@ -248,3 +248,64 @@ def test_a_connection_thread_serves_the_next_connection_and_ends_when_idle():
     assert not any(t.ident in burst for t in threading.enumerate())  # idle threads end
     workers.submit("after")  # type: ignore[arg-type]
     assert done.acquire(timeout=5) and served[-1][0] == "after"
+
+
+def _worker_threads() -> set[threading.Thread]:
+    # Thread objects, not idents: a new thread may get the ident of one that ended.
+    return {t for t in threading.enumerate() if t.name == "http-worker"}
+
+
+def test_threads_started_up_front_serve_a_burst_and_stay_until_stopped():
+    together = threading.Barrier(3, timeout=5)  # three connections served at the same time
+    served: list[threading.Thread] = []
+    done = threading.Semaphore(0)
+
+    def serve(connection: object) -> None:
+        together.wait()
+        served.append(threading.current_thread())
+        done.release()
+
+    before = _worker_threads()
+    workers = _Workers(serve, idle_seconds=0.1, ready=3)  # type: ignore[arg-type]
+    workers.start()  # in the background
+    deadline = time.monotonic() + 5
+    while len(_worker_threads() - before) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    standing = _worker_threads() - before
+    assert len(standing) == 3
+    for name in "abc":  # a burst of three: the threads waiting serve it, none is started for it
+        workers.submit(name)  # type: ignore[arg-type]
+    for _ in range(3):
+        assert done.acquire(timeout=5)
+    assert set(served) == standing and _worker_threads() - before == standing
+
+    time.sleep(0.5)  # five idle timeouts: they wait on
+    assert all(thread.is_alive() for thread in standing)
+    for name in "def":
+        workers.submit(name)  # type: ignore[arg-type]
+    for _ in range(3):
+        assert done.acquire(timeout=5)
+    assert set(served[3:]) == standing
+
+    workers.stop()
+    for thread in standing:
+        thread.join(5)
+    assert not any(thread.is_alive() for thread in standing)
+
+
+def test_a_closed_server_leaves_no_worker_threads(start_server):
+    before = _worker_threads()
+    server = start_server()
+    port = server.server_address[1]
+    deadline = time.monotonic() + 5
+    while len(_worker_threads() - before) < READY_WORKERS and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = _worker_threads() - before
+    assert len(started) == READY_WORKERS  # waiting before the first connection
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    assert raw_exchange(port, request).startswith(b"HTTP/1.1 200")
+    server.shutdown()
+    server.server_close()
+    for thread in started:
+        thread.join(5)
+    assert not any(thread.is_alive() for thread in started)
