@@ -37,6 +37,7 @@ from exporter.pipelines.evaluation import (
     PipelineSettings,
     evaluate,
 )
+from exporter.release import RELEASER
 from exporter.snapshot import EstateSnapshot, Snapshot, SourceStatus
 from exporter.sources.base import Source, SourceError, abort_source, http_stats_of
 from exporter.sources.isolated import ChildRefresh, plan, recipe_of
@@ -495,6 +496,9 @@ class Engine:
             )
             if content_changed:
                 estate.dirty = True
+        if changed and isinstance(old, Table):
+            RELEASER.release(old)  # freed a column at a time once the last snapshot using it is gone
+        del old
         if changed:
             self._persist_urgent = self._persist_urgent or first_data
             self._persist_needed.set()

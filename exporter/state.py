@@ -19,9 +19,11 @@ column); a damaged part is logged once and that estate starts clean, never crash
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
+import mmap
 import os
 import secrets
 import struct
@@ -126,10 +128,10 @@ def write_table(path: Path, table: Table, should_stop: Callable[[], bool] = lamb
 def read_table(path: Path, table_type: type[Table]) -> Table:
     """Read and validate one table file; StateError says what is wrong."""
     try:
-        raw = path.read_bytes()
+        raw = _read_mapped(path)
     except OSError as exc:
         raise StateError(f"cannot read {path.name}: {exc.strerror or exc}") from None
-    if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 8:
+    if raw[: len(MAGIC)] != MAGIC or len(raw) < len(MAGIC) + 8:
         raise StateError(f"{path.name} is not a table file of this version")
     (header_length,) = struct.unpack_from("<Q", raw, len(MAGIC))
     start = len(MAGIC) + 8
@@ -142,6 +144,29 @@ def read_table(path: Path, table_type: type[Table]) -> Table:
         return _table_from(header, body, table_type)
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise StateError(f"{path.name}: {exc}") from None
+
+
+def _read_mapped(path: Path) -> mmap.mmap | bytes:
+    """The file's bytes in an anonymous mapping of their own. The table's columns are views into
+    it, so it is freed in one piece when the table goes: from a ``bytes`` that is one ``munmap`` of
+    the whole file with the GIL held (10-20 ms at 500,000 users, during which no scrape is
+    answered), while an ``mmap`` object unmaps with the GIL released."""
+    with path.open("rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size == 0:
+            return b""
+        mapped = mmap.mmap(-1, size)
+        view = memoryview(mapped)
+        try:
+            done = 0
+            while done < size:
+                count = handle.readinto(view[done:])
+                if not count:
+                    raise OSError(errno.EIO, f"{path.name} ended after {done} of {size} bytes")
+                done += count
+        finally:
+            view.release()
+        return mapped
 
 
 def _buffer(body: memoryview, spec: Any) -> memoryview:

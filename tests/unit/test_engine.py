@@ -368,6 +368,22 @@ def test_a_new_table_with_the_same_columns_is_not_evaluated_again():
     assert engine.snapshot().estates[0].ad.meta["delta_link"] == "x"
 
 
+def test_a_replaced_table_goes_to_the_releaser_and_an_unchanged_one_does_not():
+    sources = three_sources()
+    engine = engine_with(sources)
+    engine.refresh_all()
+    released = []
+    with mock.patch("exporter.engine.RELEASER") as releaser:
+        releaser.release.side_effect = released.append
+        first = sources[0].behaviour
+        engine.refresh("contoso", "ad")  # the same table again: nothing replaced
+        assert released == []
+        sources[0].behaviour = ad(*(ad_user(f"new{i}") for i in range(2)))
+        engine.refresh("contoso", "ad")
+    assert released == [first]
+    assert engine.snapshot().estates[0].ad is sources[0].behaviour
+
+
 def test_failing_state_writes_are_counted_and_logged_once_per_change(tmp_path, caplog):
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where the state directory should be")

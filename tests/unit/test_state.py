@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import mmap
 import os
 import weakref
 
@@ -266,3 +267,35 @@ def test_a_flipped_bit_inside_a_column_is_caught(tmp_path, caplog):
     path.write_bytes(bytes(raw))
     assert "contoso" not in StateStore(tmp_path / "state.json").load().estates
     assert "checksum" in caplog.text
+
+
+def _owner(value: object) -> object:
+    """The object that owns the memory behind a numpy array or memoryview."""
+    while True:
+        if isinstance(value, np.ndarray) and value.base is not None:
+            value = value.base
+        elif isinstance(value, memoryview):
+            value = value.obj
+        else:
+            return value
+
+
+def test_a_table_read_back_lives_in_an_anonymous_mapping_freed_with_it(tmp_path):
+    # Its columns are views of one buffer: an mmap unmaps with the GIL released when the last view
+    # goes, where a bytes object of the file would be one munmap with the GIL held.
+    table = entra_table()
+    path = tmp_path / "t.tbl"
+    assert write_table(path, table)
+    read = read_table(path, EntraTable)
+    mapping = _owner(read.column("created"))
+    assert isinstance(mapping, mmap.mmap)
+    for name in ("k_id", "k_imm", "synced", "created"):
+        assert _owner(read.column(name)) is mapping
+    assert _owner(read.column("upn").data) is mapping
+    probe = weakref.ref(mapping)  # type: ignore[arg-type]
+    del read, mapping
+    gc.collect()
+    assert probe() is None  # freed with the table, nothing else keeps it
+    path.write_bytes(b"")
+    with pytest.raises(ValueError):
+        read_table(path, EntraTable)
