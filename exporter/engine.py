@@ -26,7 +26,6 @@ from typing import Any
 
 from exporter.config import Config, EstateConfig
 from exporter.labels import UserLabeler, new_label_key
-from exporter.memory import return_free_memory
 from exporter.model import SOURCE_REGISTRY, SourceData, SourceKind
 from exporter.pipelines import implementation
 from exporter.pipelines.definitions import PIPELINES
@@ -554,9 +553,6 @@ class Engine:
             estate.evaluated_at = time.monotonic()
         self._persist_needed.set()
         self._publish()
-        # The estate's previous tables and evaluation are gone now (unless a scrape still holds the
-        # old snapshot): hand their pages back rather than keep them as free heap.
-        return_free_memory()
         log.debug(
             "evaluated estate %s (%d users) in %.3fs",
             estate.name,

@@ -16,7 +16,7 @@ PROBE = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from exporter.memory import keep_large_blocks_mapped, return_free_memory
+    from exporter.memory import keep_large_blocks_mapped
 
     def rss_mib():
         for line in open("/proc/self/status"):
@@ -33,8 +33,6 @@ PROBE = textwrap.dedent(
         columns.append(np.ones(1_000_000))
         pins.append(bytearray(2000))
     del columns
-    if sys.argv[1] == "trim":
-        return_free_memory()
     print(rss_mib() - base)
     """
 )
@@ -51,11 +49,7 @@ def test_freed_columns_are_returned_with_the_threshold_fixed() -> None:
     assert _retained_mib("threshold") < 40
 
 
-def test_freed_columns_held_by_the_heap_are_returned_by_a_trim() -> None:
-    assert _retained_mib("trim") < 40
-
-
 def test_the_probe_sees_the_ratchet_without_either() -> None:
-    # 320 MB of freed 8 MB columns stay resident when glibc serves them from the heap and nothing
-    # trims it: what the exporter avoids. (If this fails, the probe proves nothing on this libc.)
+    # 320 MB of freed 8 MB columns stay resident when glibc serves them from the heap: what the
+    # exporter avoids. (If this fails, the probe proves nothing on this libc.)
     assert _retained_mib("neither") > 200
