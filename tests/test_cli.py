@@ -293,13 +293,18 @@ def test_sigterm_taken_by_another_thread_still_stops_the_exporter():
         f"sys.exit(main(['--demo', '--web.listen-address', '127.0.0.1:{port}']))\n"
     )
     process = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its demo child holds the pipes too: kill them together
     )
     try:
         _out, err = process.communicate(timeout=20)
     except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=10)
         raise AssertionError(
             "the exporter ignored a SIGTERM taken by a thread other than the main one"
         ) from None
