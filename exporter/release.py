@@ -87,19 +87,13 @@ class Releaser:
 
 
 def dismantle(table: Table) -> None:
-    """Drop a table nothing else refers to piece by piece (its cached indexes, then its child tables
-    if nothing else refers to them either, then its columns), stepping aside between the pieces."""
-    for key in list(table._cache):
-        table._cache.pop(key, None)
-        step_aside()
-    for name in list(table.children):
-        child = table.children.pop(name)
-        # Here: the local name and getrefcount's argument. A child shared with the new table stays.
-        if sys.getrefcount(child) <= 2:
-            dismantle(child)
-        del child
-    for name in list(table._columns):
-        table._columns.pop(name, None)
+    """Drop a table nothing else refers to piece by piece (its cached indexes, its child tables if
+    nothing else refers to them either, its columns), stepping aside between the pieces."""
+    for piece in table.take_apart():
+        # Here: the loop's name and getrefcount's argument. A child shared with the new table stays.
+        if isinstance(piece, Table) and sys.getrefcount(piece) <= 2:
+            dismantle(piece)
+        del piece
         step_aside()
 
 

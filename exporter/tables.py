@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from array import array
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Self, TypeVar
 
@@ -210,6 +210,16 @@ class Table:
 
     def columns(self) -> Mapping[str, ColumnValue]:
         return self._columns
+
+    def take_apart(self) -> Iterator[object]:
+        """Remove and yield this table's pieces one at a time (cached indexes, child tables, columns),
+        for exporter.release to free a table nothing else refers to; the table is unusable after."""
+        for key in list(self._cache):
+            yield self._cache.pop(key)
+        for name in list(self.children):
+            yield self.children.pop(name)
+        for name in list(self._columns):
+            yield self._columns.pop(name)
 
     def cached(self, name: str, compute: Callable[[], _T]) -> _T:
         """A value derived from this (immutable) table, computed once."""

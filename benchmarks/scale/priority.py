@@ -83,7 +83,7 @@ def scheduler_groups_off() -> Iterator[None]:
 
 def describe() -> str:
     """The setting, as the report prints it."""
-    parts = [f"niceness {_niceness}"] if _niceness else ["niceness 0"]
+    parts = [f"niceness {_niceness}"]
     parts.append("SCHED_IDLE" if _idle else "normal class")
     if _groups_off:
         parts.append("autogrouping off")
